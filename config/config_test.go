@@ -1,0 +1,275 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func writeConfig(t *testing.T, yaml string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "mxq.yaml")
+	if err := os.WriteFile(p, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := Load("", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := []struct {
+		name string
+		ok   bool
+	}{
+		{"smtp.listen", c.SMTP.Listen == "127.0.0.1:2525"},
+		{"data_dir", c.DataDir == "./mxq-data"},
+		{"smtp.domains", len(c.SMTP.Domains) == 1 && c.SMTP.Domains[0] == "example.test"},
+		{"max size", c.SMTP.MaxMessageSize == 50<<20},
+		{"max recipients", c.SMTP.MaxRecipients == 100},
+		{"durability", c.Queue.Durability == DurabilityGroup},
+		{"backend", c.Backends["store"].Address == "127.0.0.1:24" && c.Backends["store"].Protocol == "lmtp"},
+		{"rate", c.Backends["store"].Rate == 200 && c.Backends["store"].Concurrency == 8},
+		{"route", c.RouteFor("example.test") == "store"},
+		{"retry", c.Drain.RetryMin == 5*time.Minute && c.Drain.RetryMax == time.Hour},
+		{"lifetime", c.Drain.MaxLifetime == 7*24*time.Hour},
+	}
+	for _, ch := range checks {
+		if !ch.ok {
+			t.Errorf("default %s wrong: %+v", ch.name, c)
+		}
+	}
+}
+
+func TestPrecedence(t *testing.T) {
+	p := writeConfig(t, `
+smtp:
+  listen: 127.0.0.1:2600
+  domains: [a.test, b.test]
+  max_recipients: 50
+data_dir: /from/file
+`)
+	t.Setenv("MXQ_SMTP_MAX_RECIPIENTS", "60")
+	t.Setenv("MXQ_DATA_DIR", "/from/env")
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	fs.String("data-dir", "", "")
+	if err := fs.Parse([]string{"--data-dir", "/from/flag"}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(p, fs, map[string]string{"data_dir": "data-dir"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.SMTP.Listen != "127.0.0.1:2600" {
+		t.Errorf("file did not override default: %s", c.SMTP.Listen)
+	}
+	if c.SMTP.MaxRecipients != 60 {
+		t.Errorf("environment did not override file: %d", c.SMTP.MaxRecipients)
+	}
+	if c.DataDir != "/from/flag" {
+		t.Errorf("flag did not override environment: %s", c.DataDir)
+	}
+	if strings.Join(c.SMTP.Domains, ",") != "a.test,b.test" {
+		t.Errorf("domains %v", c.SMTP.Domains)
+	}
+}
+
+func TestEnvironmentList(t *testing.T) {
+	t.Setenv("MXQ_SMTP_DOMAINS", "a.test, B.TEST.")
+	c, err := Load("", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(c.SMTP.Domains, ",") != "a.test,b.test" {
+		t.Fatalf("domains %v", c.SMTP.Domains)
+	}
+}
+
+// Every problem is reported at once, each under its key.
+func TestValidateReportsEveryKey(t *testing.T) {
+	p := writeConfig(t, `
+smtp:
+  listen: nonsense
+  max_recipients: 0
+  max_message_size: lots
+  domians: [typo.test]
+queue:
+  durability: sometimes
+  replicas: 2
+drain:
+  order: random
+  retry_min: 2h
+  retry_max: 1h
+backends:
+  Bad Name:
+    protocol: pop3
+    address: nowhere
+`)
+	_, err := Load(p, nil, nil)
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("err %v, want ErrInvalid", err)
+	}
+	var es Errors
+	if !errors.As(err, &es) {
+		t.Fatalf("err %T does not carry the list", err)
+	}
+	got := map[string]bool{}
+	for _, e := range es {
+		got[e.Key] = true
+	}
+	for _, key := range []string{
+		"smtp.listen", "smtp.max_recipients", "smtp.max_message_size", "smtp.domians",
+		"queue.durability", "queue.replicas", "drain.order", "drain.retry_max",
+		"backends.bad name", "backends.bad name.protocol", "backends.bad name.address",
+	} {
+		if !got[key] {
+			t.Errorf("no error for %s; got:\n%v", key, err)
+		}
+	}
+}
+
+func TestValidateTable(t *testing.T) {
+	cases := []struct {
+		name, yaml, key string
+	}{
+		{"no domains", "smtp: {domains: []}", "smtp.domains"},
+		{"bad domain", "smtp: {domains: ['bad..domain']}", "smtp.domains[0]"},
+		{"address literal", "smtp: {domains: ['[192.0.2.1]']}", "smtp.domains[0]"},
+		{"backend url", "backend: 'lmtp:/nohost'", "backend"},
+		{"backend port", "backend: 'lmtp://host'", "backend"},
+		{"two wildcards", "backends: {a: {address: '127.0.0.1:24'}, b: {address: '127.0.0.1:25'}}", "backends.b.domains"},
+		{"unserved domain", "backends: {a: {address: '127.0.0.1:24', domains: [other.test]}}", "backends"},
+		{"chunk vs payload", "queue: {chunk_size: 8MiB}", "queue.chunk_size"},
+		{"group size", "queue: {group_commit: {max_messages: 5000}}", "queue.group_commit.max_messages"},
+		{"nats url", "nats: {url: 'not a url'}", "nats.url"},
+		{"negative timeout", "smtp: {read_timeout: -1s}", "smtp.read_timeout"},
+		{"log level", "log: {level: loud}", "log.level"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(writeConfig(t, tc.yaml), nil, nil)
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("err %v", err)
+			}
+			for _, e := range es {
+				if e.Key == tc.key {
+					return
+				}
+			}
+			t.Fatalf("no error for %s in:\n%v", tc.key, err)
+		})
+	}
+}
+
+func TestBackendsAndRoutes(t *testing.T) {
+	p := writeConfig(t, `
+smtp:
+  domains: [a.test, b.test, Bücher.example]
+backends:
+  main:
+    address: 10.0.0.1:24
+    domains: ["*"]
+  books:
+    protocol: smtp
+    address: 10.0.0.2:25
+    domains: [bücher.example]
+    rate: 50
+`)
+	c, err := Load(p, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.RouteFor("xn--bcher-kva.example"); got != "books" {
+		t.Errorf("IDN domain routed to %q", got)
+	}
+	if got := c.RouteFor("a.test"); got != "main" {
+		t.Errorf("a.test routed to %q", got)
+	}
+	if b := c.Backends["books"]; b.Rate != 50 || b.Concurrency != 8 || b.Protocol != "smtp" {
+		t.Errorf("books backend %+v", b)
+	}
+}
+
+func TestExampleConfigLoads(t *testing.T) {
+	if _, err := Load("../mxq.example.yaml", nil, nil); err != nil {
+		t.Fatalf("mxq.example.yaml: %v", err)
+	}
+}
+
+func TestByteSize(t *testing.T) {
+	cases := map[string]ByteSize{"50MiB": 50 << 20, "1KiB": 1024, "10MB": 10_000_000, "123": 123, "1.5GiB": 3 << 29, "2k": 2048}
+	for in, want := range cases {
+		got, err := ParseByteSize(in)
+		if err != nil || got != want {
+			t.Errorf("%q: %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "lots", "-1MiB", "MiB"} {
+		if _, err := ParseByteSize(bad); err == nil {
+			t.Errorf("%q parsed", bad)
+		}
+	}
+}
+
+func TestCluster(t *testing.T) {
+	ok := `
+node_name: mxq-1
+queue: {replicas: 3}
+cluster:
+  peers: [mxq-0.mxq-peers.mail.svc, mxq-1.mxq-peers.mail.svc, mxq-2.mxq-peers.mail.svc]
+`
+	c, err := Load(writeConfig(t, ok), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Clustered() || c.Cluster.Advertise != "mxq-1.mxq-peers.mail.svc" || c.Cluster.RaftPort != 7947 || c.Cluster.NATSPort != 6222 {
+		t.Fatalf("cluster %+v", c.Cluster)
+	}
+	cases := []struct{ name, yaml, key string }{
+		{"two nodes", "cluster: {peers: [a, b]}", "cluster.peers"},
+		{"one node", "cluster: {peers: [a]}", "cluster.peers"},
+		{"port in peer", "node_name: a\ncluster: {peers: ['a:7947', b, c]}", "cluster.peers[0]"},
+		{"not a peer", "node_name: x\ncluster: {peers: [a, b, c]}", "cluster.advertise"},
+		{"replicas", "node_name: a\nqueue: {replicas: 5}\ncluster: {peers: [a, b, c]}", "queue.replicas"},
+		{"same ports", "cluster: {raft_port: 7000, nats_port: 7000}", "cluster.nats_port"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(writeConfig(t, strings.ReplaceAll(tc.yaml, `\n`, "\n")), nil, nil)
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("err %v", err)
+			}
+			for _, e := range es {
+				if e.Key == tc.key {
+					return
+				}
+			}
+			t.Fatalf("no error for %s in:\n%v", tc.key, err)
+		})
+	}
+}
+
+func TestBackendShorthandParameters(t *testing.T) {
+	t.Setenv("MXQ_BACKEND", "lmtp://store.internal:24?rate=500&concurrency=16&start_rate=10")
+	c, err := Load("", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := c.Backends["store"]
+	if b.Address != "store.internal:24" || b.Rate != 500 || b.Concurrency != 16 || b.StartRate != 10 || b.StartConcurrency != 1 {
+		t.Fatalf("backend %+v", b)
+	}
+	t.Setenv("MXQ_BACKEND", "lmtp://store:24?speed=9")
+	if _, err := Load("", nil, nil); err == nil || !strings.Contains(err.Error(), "speed") {
+		t.Fatalf("unknown parameter: %v", err)
+	}
+}

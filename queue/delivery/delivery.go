@@ -1,0 +1,385 @@
+// Package delivery hands queued messages to a mailbox store over LMTP or
+// SMTP and reports the outcome per recipient.
+//
+// A Client keeps a small pool of open connections, so a drain at hundreds
+// of messages per second does not pay a TCP and LHLO handshake for each.
+// Errors are split in two kinds, because the drain treats them differently:
+// a per-recipient reply (a Result with its code) counts against that
+// recipient's retry schedule; a failure to talk to the store at all
+// (refused connection, timeout, 421, broken pipe) is returned as an error
+// wrapping ErrUnreachable and counts against nobody: it feeds the circuit
+// breaker instead.
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/mxq-dev/mxq/queue/envelope"
+)
+
+// ErrUnreachable wraps every failure to complete a transaction with the
+// store for reasons that are not about a particular recipient.
+var ErrUnreachable = errors.New("backend unreachable")
+
+// ErrBusy is also wrapped when the store said 421: it is up but refuses
+// work (too many connections, shutting down). The drain slows down.
+var ErrBusy = errors.New("backend busy")
+
+// unreachable wraps err in ErrUnreachable, and in ErrBusy for a 421.
+func unreachable(stage string, err error) error {
+	if r, ok := replyOf(err); ok && r.Code == 421 {
+		return fmt.Errorf("%w: %w: %s: %w", ErrUnreachable, ErrBusy, stage, err)
+	}
+	return fmt.Errorf("%w: %s: %w", ErrUnreachable, stage, err)
+}
+
+// Result is the store's answer for one recipient. Code 0 means the
+// connection broke before the store answered for this recipient.
+type Result struct {
+	Rcpt     string
+	Code     int
+	Enhanced string // "4.2.2", or "" when the store gave none
+	Text     string
+}
+
+// Success, Temporary and Permanent classify a result.
+func (r Result) Success() bool   { return r.Code >= 200 && r.Code < 300 }
+func (r Result) Temporary() bool { return r.Code == 0 || r.Code >= 400 && r.Code < 500 }
+func (r Result) Permanent() bool { return r.Code >= 500 }
+
+// Overload reports a reply that is about the store's condition rather than
+// the recipient's mailbox: 421, 451 (local error), 452 with 4.3.x
+// (insufficient system storage), and any 4.3.x or 4.4.x. A full mailbox
+// (452 4.2.2) or an unknown state of one mailbox (450) is not.
+func (r Result) Overload() bool {
+	switch {
+	case r.Code == 421:
+		return true
+	case strings.HasPrefix(r.Enhanced, "4.3.") || strings.HasPrefix(r.Enhanced, "4.4."):
+		return true
+	case r.Code == 451 && !strings.HasPrefix(r.Enhanced, "4.2."):
+		return true
+	}
+	return false
+}
+
+// String is the reply as a single line, as it is recorded in the queue.
+func (r Result) String() string {
+	if r.Code == 0 {
+		return "no reply: " + r.Text
+	}
+	s := fmt.Sprintf("%d", r.Code)
+	if r.Enhanced != "" {
+		s += " " + r.Enhanced
+	}
+	return s + " " + r.Text
+}
+
+// Options configures a Client.
+type Options struct {
+	Protocol       string // "lmtp" or "smtp"
+	Address        string // host:port
+	LocalName      string // LHLO/EHLO name
+	ConnectTimeout time.Duration
+	CommandTimeout time.Duration
+	// MaxIdle is how many open connections are kept between deliveries.
+	MaxIdle     int
+	IdleTimeout time.Duration
+	Now         func() time.Time
+}
+
+// Client delivers to one backend. It is safe for concurrent use; each
+// delivery uses a connection of its own.
+type Client struct {
+	o    Options
+	mu   sync.Mutex
+	idle []*conn
+}
+
+type conn struct {
+	c        *smtp.Client
+	lastUsed time.Time
+}
+
+// New returns a Client.
+func New(o Options) *Client {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.LocalName == "" {
+		o.LocalName = "localhost"
+	}
+	if o.ConnectTimeout <= 0 {
+		o.ConnectTimeout = 10 * time.Second
+	}
+	if o.CommandTimeout <= 0 {
+		o.CommandTimeout = time.Minute
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 30 * time.Second
+	}
+	return &Client{o: o}
+}
+
+// Address is the backend's address.
+func (c *Client) Address() string { return c.o.Address }
+
+func (c *Client) dial(ctx context.Context) (*conn, error) {
+	d := net.Dialer{Timeout: c.o.ConnectTimeout}
+	nc, err := d.DialContext(ctx, "tcp", c.o.Address)
+	if err != nil {
+		return nil, unreachable("connect", err)
+	}
+	var sc *smtp.Client
+	if c.o.Protocol == "lmtp" {
+		sc = smtp.NewClientLMTP(nc)
+	} else {
+		sc = smtp.NewClient(nc)
+	}
+	sc.CommandTimeout = c.o.CommandTimeout
+	sc.SubmissionTimeout = c.o.CommandTimeout
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
+	defer stop()
+	nc.SetDeadline(time.Now().Add(c.o.CommandTimeout))
+	err = sc.Hello(c.o.LocalName)
+	nc.SetDeadline(time.Time{})
+	if err != nil {
+		sc.Close()
+		return nil, unreachable("greeting", err)
+	}
+	return &conn{c: sc}, nil
+}
+
+func (c *Client) get(ctx context.Context) (*conn, error) {
+	now := c.o.Now()
+	c.mu.Lock()
+	for len(c.idle) > 0 {
+		cn := c.idle[len(c.idle)-1]
+		c.idle = c.idle[:len(c.idle)-1]
+		if now.Sub(cn.lastUsed) < c.o.IdleTimeout {
+			c.mu.Unlock()
+			return cn, nil
+		}
+		go cn.c.Close()
+	}
+	c.mu.Unlock()
+	return c.dial(ctx)
+}
+
+func (c *Client) put(cn *conn) {
+	cn.lastUsed = c.o.Now()
+	c.mu.Lock()
+	if len(c.idle) < c.o.MaxIdle {
+		c.idle = append(c.idle, cn)
+		cn = nil
+	}
+	c.mu.Unlock()
+	if cn != nil {
+		cn.c.Quit()
+	}
+}
+
+// Close closes the idle connections.
+func (c *Client) Close() {
+	c.mu.Lock()
+	idle := c.idle
+	c.idle = nil
+	c.mu.Unlock()
+	for _, cn := range idle {
+		cn.c.Quit()
+	}
+}
+
+// Probe opens a fresh connection, greets, and says goodbye: proof that the
+// store is taking connections again.
+func (c *Client) Probe(ctx context.Context) error {
+	cn, err := c.dial(ctx)
+	if err != nil {
+		return err
+	}
+	if err := cn.c.Quit(); err != nil {
+		return unreachable("quit", err)
+	}
+	return nil
+}
+
+// Deliver runs one transaction for env's recipients. It returns a Result
+// for every recipient in env.To, and an error wrapping ErrUnreachable if
+// the transaction could not be completed; recipients the store accepted
+// before that keep their 2xx result and must not be sent again.
+func (c *Client) Deliver(ctx context.Context, env *envelope.Envelope, body io.Reader) ([]Result, error) {
+	results := make([]Result, len(env.To))
+	for i, r := range env.To {
+		results[i] = Result{Rcpt: r}
+	}
+	cn, err := c.get(ctx)
+	if err != nil {
+		return results, err
+	}
+	nc := cn.c
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	defer stop()
+
+	fail := func(stage string, err error) ([]Result, error) {
+		nc.Close()
+		for i := range results {
+			if results[i].Code == 0 {
+				results[i].Text = stage + ": " + err.Error()
+			}
+		}
+		return results, unreachable(stage, err)
+	}
+	// A 421 (or any reply to MAIL that is not about the message) means
+	// the store is not serving: it is not a verdict on the recipients.
+	utf8Needed := env.UTF8 && !allASCII(env.From, env.To)
+	if utf8Needed {
+		if ok, _ := nc.Extension("SMTPUTF8"); !ok {
+			for i := range results {
+				results[i] = Result{Rcpt: env.To[i], Code: 550, Enhanced: "5.6.7", Text: "backend does not support SMTPUTF8 for a non-ASCII address"}
+			}
+			c.put(cn)
+			return results, nil
+		}
+	}
+	if err := nc.Mail(env.From, &smtp.MailOptions{UTF8: utf8Needed, Size: env.Size}); err != nil {
+		if r, ok := replyOf(err); ok && r.Code != 421 {
+			// MAIL refused for this message (e.g. 552 size): same verdict
+			// for every recipient.
+			for i := range results {
+				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
+			}
+			c.reset(cn)
+			return results, nil
+		}
+		return fail("MAIL", err)
+	}
+	accepted := make([]int, 0, len(env.To))
+	for i, rcpt := range env.To {
+		if err := nc.Rcpt(rcpt, nil); err != nil {
+			r, ok := replyOf(err)
+			if !ok || r.Code == 421 {
+				return fail("RCPT", err)
+			}
+			results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
+			continue
+		}
+		accepted = append(accepted, i)
+	}
+	if len(accepted) == 0 {
+		c.reset(cn)
+		return results, nil
+	}
+	w, err := nc.Data()
+	if err != nil {
+		if r, ok := replyOf(err); ok && r.Code != 421 {
+			for _, i := range accepted {
+				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
+			}
+			c.reset(cn)
+			return results, nil
+		}
+		return fail("DATA", err)
+	}
+	if _, err := io.Copy(w, body); err != nil {
+		return fail("sending message", err)
+	}
+	if c.o.Protocol == "lmtp" {
+		resp, err := w.CloseWithLMTPResponse()
+		for _, i := range accepted {
+			if _, ok := resp[env.To[i]]; ok {
+				results[i].Code, results[i].Enhanced, results[i].Text = 250, "2.0.0", "delivered"
+			}
+		}
+		// err is nil, an LMTPDataError (replies for some recipients), or
+		// a connection error, possibly joined with an LMTPDataError.
+		var lmtpErr smtp.LMTPDataError
+		var broken error
+		switch e := err.(type) {
+		case nil:
+		case smtp.LMTPDataError:
+			lmtpErr = e
+		default:
+			errors.As(err, &lmtpErr)
+			broken = err
+		}
+		for _, i := range accepted {
+			if se, ok := lmtpErr[env.To[i]]; ok {
+				r := fromSMTPError(se)
+				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
+			}
+		}
+		if broken != nil {
+			return fail("end of data", broken)
+		}
+		for _, i := range accepted {
+			if results[i].Code == 421 {
+				return fail("end of data", &smtp.SMTPError{Code: 421, Message: results[i].String()})
+			}
+		}
+	} else {
+		_, err := w.CloseWithResponse()
+		if err != nil {
+			r, ok := replyOf(err)
+			if !ok || r.Code == 421 {
+				return fail("end of data", err)
+			}
+			for _, i := range accepted {
+				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
+			}
+		} else {
+			for _, i := range accepted {
+				results[i].Code, results[i].Enhanced, results[i].Text = 250, "2.0.0", "delivered"
+			}
+		}
+	}
+	c.put(cn)
+	return results, nil
+}
+
+// reset ends a transaction that did not reach DATA and keeps the connection.
+func (c *Client) reset(cn *conn) {
+	if err := cn.c.Reset(); err != nil {
+		cn.c.Close()
+		return
+	}
+	c.put(cn)
+}
+
+func replyOf(err error) (Result, bool) {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		return fromSMTPError(se), true
+	}
+	return Result{}, false
+}
+
+func fromSMTPError(se *smtp.SMTPError) Result {
+	r := Result{Code: se.Code, Text: strings.TrimSpace(se.Message)}
+	if se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode != smtp.EnhancedCodeNotSet {
+		r.Enhanced = fmt.Sprintf("%d.%d.%d", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2])
+	}
+	return r
+}
+
+func allASCII(from string, to []string) bool {
+	ascii := func(s string) bool { return utf8.RuneCountInString(s) == len(s) }
+	if !ascii(from) {
+		return false
+	}
+	for _, t := range to {
+		if !ascii(t) {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,272 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
+
+	"github.com/mxq-dev/mxq/queue/envelope"
+)
+
+// Kinds of records Walk visits.
+type Kind int
+
+const (
+	Queued Kind = iota // mail waiting for delivery
+	Dead               // dead letters
+)
+
+func (s *Store) subjectOf(k Kind) string {
+	if k == Dead {
+		return s.prefix + ".dlq.>"
+	}
+	return s.prefix + ".q.>"
+}
+
+// ErrStop ends a Walk early without an error.
+var ErrStop = errors.New("stop walking")
+
+// Walk calls fn for each record of kind k from sequence from on, in
+// sequence order, reading headers only: the envelopes travel, the message
+// bodies stay on disk. That is what makes listing and filtering a queue of
+// millions cheap, and bulk actions run in constant memory: fn sees one
+// record at a time. A Record from Walk has no Data; use Get for the body.
+// Walk stops at the end of the stream as it was when it started, or when fn
+// returns an error (ErrStop for a clean stop). It returns the sequence to
+// start from to continue.
+func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) error) (next uint64, err error) {
+	if from == 0 {
+		from = 1
+	}
+	next = from
+	last, err := s.LastSeq(ctx)
+	if err != nil {
+		return next, err
+	}
+	if from > last {
+		return next, nil
+	}
+	cons, err := s.js.OrderedConsumer(ctx, s.o.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects:    []string{s.subjectOf(k)},
+		DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:       from,
+		HeadersOnly:       true,
+		InactiveThreshold: 30 * time.Second,
+	})
+	if err != nil {
+		return next, fmt.Errorf("walking the queue: %w", err)
+	}
+	for {
+		if err := ctx.Err(); err != nil {
+			return next, err
+		}
+		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(500*time.Millisecond))
+		if err != nil {
+			return next, fmt.Errorf("walking the queue: %w", err)
+		}
+		n := 0
+		for m := range batch.Messages() {
+			n++
+			md, err := m.Metadata()
+			if err != nil {
+				return next, err
+			}
+			r := Record{Seq: md.Sequence.Stream, Subject: m.Subject(), Stored: md.Timestamp}
+			env, derr := envelope.Decode(envelope.Header(m.Headers()))
+			if derr != nil {
+				r.Err = derr
+			} else {
+				r.Env = env
+			}
+			next = r.Seq + 1
+			if err := fn(r); err != nil {
+				if errors.Is(err, ErrStop) {
+					return next, nil
+				}
+				return next, err
+			}
+			if md.NumPending == 0 || r.Seq >= last {
+				return next, nil
+			}
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && !errors.Is(err, context.DeadlineExceeded) {
+			return next, fmt.Errorf("walking the queue: %w", err)
+		}
+		if n == 0 {
+			return next, nil
+		}
+	}
+}
+
+// Filter selects records for listing and bulk actions. Empty fields match
+// everything.
+type Filter struct {
+	IDs       []string      // these queue IDs only
+	From      string        // sender, exact (case-insensitive domain)
+	To        string        // a recipient, exact
+	Domain    string        // a recipient domain
+	Route     string        // backend
+	OlderThan time.Duration // arrived more than this long ago
+	// Held, if set, must return true for a record to match (the control
+	// plane's holds are not in the queue).
+	Held func(id string) bool
+}
+
+// Match reports whether a record's envelope matches f at time now.
+func (f *Filter) Match(env *envelope.Envelope, now time.Time) bool {
+	if env == nil {
+		return false
+	}
+	if len(f.IDs) > 0 {
+		ok := false
+		for _, id := range f.IDs {
+			ok = ok || id == env.ID
+		}
+		if !ok {
+			return false
+		}
+	}
+	if f.From != "" && !equalAddr(env.From, f.From) {
+		return false
+	}
+	if f.Route != "" && env.Route != f.Route {
+		return false
+	}
+	if f.To != "" || f.Domain != "" {
+		ok := false
+		for _, r := range env.To {
+			if f.To != "" && equalAddr(r, f.To) || f.Domain != "" && equalFold(domainOf(r), f.Domain) {
+				ok = true
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	if f.OlderThan > 0 && now.Sub(env.Arrived) < f.OlderThan {
+		return false
+	}
+	if f.Held != nil && !f.Held(env.ID) {
+		return false
+	}
+	return true
+}
+
+func domainOf(addr string) string {
+	for i := len(addr) - 1; i >= 0; i-- {
+		if addr[i] == '@' {
+			return addr[i+1:]
+		}
+	}
+	return ""
+}
+
+// equalAddr compares mailboxes the way stores do: the local part
+// case-insensitively too.
+func equalAddr(a, b string) bool { return equalFold(a, b) }
+
+func equalFold(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
+}
+
+// Find returns the records of a queue ID, queued and dead: several when the
+// message was split across backends or partly dead-lettered. The ID's
+// timestamp says where in the stream to start: a record is stored when its
+// message arrives, or later when it is rewritten.
+func (s *Store) Find(ctx context.Context, id string) ([]Record, error) {
+	at, err := envelope.IDTime(id)
+	if err != nil {
+		return nil, err
+	}
+	from, err := s.SeqAt(ctx, at.Add(-time.Second))
+	if err != nil {
+		return nil, err
+	}
+	var out []Record
+	for _, k := range []Kind{Queued, Dead} {
+		_, err := s.Walk(ctx, k, from, func(r Record) error {
+			if r.Env != nil && r.Env.ID == id {
+				out = append(out, r)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// SeqAt is the first sequence stored at or after t (past the end if none
+// is): where to start walking for records of messages that arrived then.
+func (s *Store) SeqAt(ctx context.Context, t time.Time) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
+	defer cancel()
+	it, err := jetstreamext.GetBatch(ctx, s.js, s.o.Stream, 1, jetstreamext.GetBatchStartTime(t), jetstreamext.GetBatchSubject(s.prefix+".>"))
+	if err != nil {
+		return 1, nil // scan from the start: slower, never wrong
+	}
+	for m, err := range it {
+		if err != nil {
+			if errors.Is(err, jetstreamext.ErrNoMessages) {
+				last, err := s.LastSeq(ctx)
+				return last + 1, err
+			}
+			return 1, nil
+		}
+		return m.Sequence, nil
+	}
+	return 1, nil
+}
+
+// Requeue rewrites a record to be tried now: a dead letter goes back to the
+// queue with its attempts reset, a deferred record loses its wait.
+func (s *Store) Requeue(ctx context.Context, r Record) error {
+	if r.Env == nil {
+		return fmt.Errorf("requeue of damaged record %d", r.Seq)
+	}
+	n := r.Env.Clone()
+	n.Gen++
+	n.NextAttempt = time.Time{}
+	if r.Dead() {
+		n.Attempts = 0
+	}
+	return s.Rewrite(ctx, r, []Output{{Env: n}})
+}
+
+// Delete removes a record and its body for good.
+func (s *Store) Delete(ctx context.Context, r Record) error {
+	return s.Complete(ctx, r)
+}
+
+// OldestArrival returns the arrival time of the oldest record queued for a
+// route, zero when none.
+func (s *Store) OldestArrival(ctx context.Context, route string) (time.Time, error) {
+	recs, _, err := s.ReadFrom(ctx, s.QueueSubject(route), 1, 1, 1)
+	if err != nil || len(recs) == 0 || recs[0].Env == nil {
+		return time.Time{}, err
+	}
+	// Retries are rewritten at the end of the stream, so the first record
+	// is the oldest but for them; good enough for an age gauge, and exact
+	// for a backlog that has not been retried.
+	return recs[0].Env.Arrived, nil
+}

@@ -1,0 +1,445 @@
+package raftstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"github.com/hashicorp/raft"
+	"github.com/mxq-dev/mxq/internal/testpki"
+	"reflect"
+	"sync"
+	"testing"
+	"time"
+)
+
+// cluster runs n nodes in this process over real TCP on loopback. Forward
+// goes straight to the target node's ApplyEncoded, as the NATS request/reply
+// wiring does; a node that is down answers like "no responders", i.e. as a
+// node that is not the leader.
+type cluster struct {
+	t     *testing.T
+	mu    sync.Mutex
+	nodes map[string]*Store
+	opts  map[string]Options
+	ids   []string
+}
+
+func newCluster(t *testing.T, n int, tweak func(*Options)) *cluster {
+	c := &cluster{t: t, nodes: map[string]*Store{}, opts: map[string]Options{}}
+	addrs := freeAddrs(t, n)
+	var peers []Peer
+	for i := range n {
+		id := fmt.Sprintf("n%d", i+1)
+		c.ids = append(c.ids, id)
+		peers = append(peers, Peer{ID: id, Addr: addrs[i]})
+	}
+	for i, id := range c.ids {
+		o := testOptions(id, t.TempDir(), addrs[i])
+		o.Peers = peers
+		o.Forward = c.forward
+		if tweak != nil {
+			tweak(&o)
+		}
+		c.opts[id] = o
+	}
+	t.Cleanup(func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for _, s := range c.nodes {
+			s.Close()
+		}
+	})
+	return c
+}
+
+func (c *cluster) forward(ctx context.Context, leaderID string, cmd []byte) error {
+	s := c.node(leaderID)
+	if s == nil {
+		return fmt.Errorf("%w: %s is down", ErrNotLeader, leaderID)
+	}
+	return s.ApplyEncoded(ctx, cmd)
+}
+
+func (c *cluster) node(id string) *Store {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[id]
+}
+
+func (c *cluster) running() []*Store {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var ss []*Store
+	for _, id := range c.ids {
+		if s := c.nodes[id]; s != nil {
+			ss = append(ss, s)
+		}
+	}
+	return ss
+}
+
+func (c *cluster) start(id string) *Store {
+	c.t.Helper()
+	s, err := Open(c.t.Context(), c.opts[id])
+	if err != nil {
+		c.t.Fatalf("open %s: %v", id, err)
+	}
+	c.mu.Lock()
+	c.nodes[id] = s
+	c.mu.Unlock()
+	return s
+}
+
+// kill stops a node hard: no leadership hand-over, no leave; its peers only
+// notice that it stopped answering.
+func (c *cluster) kill(id string) {
+	c.t.Helper()
+	c.mu.Lock()
+	s := c.nodes[id]
+	delete(c.nodes, id)
+	c.mu.Unlock()
+	s.closed.Do(func() { s.err = s.shutdown(false) })
+	if s.err != nil {
+		c.t.Errorf("kill %s: %v", id, s.err)
+	}
+}
+
+// leader waits until one running node is a ready leader and every running
+// node knows it.
+func (c *cluster) leader(d time.Duration) *Store {
+	c.t.Helper()
+	var leader *Store
+	waitFor(c.t, d, "a leader known to all", func() bool {
+		leader = nil
+		ss := c.running()
+		for _, s := range ss {
+			if s.IsLeader() {
+				leader = s
+			}
+		}
+		if leader == nil {
+			return false
+		}
+		for _, s := range ss {
+			if id, _ := s.Leader(); id != leader.o.NodeID {
+				return false
+			}
+		}
+		return true
+	})
+	return leader
+}
+
+func (c *cluster) follower(leader *Store) *Store {
+	for _, s := range c.running() {
+		if s != leader {
+			return s
+		}
+	}
+	c.t.Fatal("no follower")
+	return nil
+}
+
+// converged waits until every running node has the leader's state.
+func (c *cluster) converged(leader *Store, d time.Duration) {
+	c.t.Helper()
+	want := leader.State()
+	waitFor(c.t, d, fmt.Sprintf("all nodes at index %d", want.Index), func() bool {
+		for _, s := range c.running() {
+			if s.State().Index != want.Index {
+				return false
+			}
+		}
+		return true
+	})
+	for _, s := range c.running() {
+		if got := s.State(); !reflect.DeepEqual(got, want) {
+			c.t.Errorf("%s state\n got %+v\nwant %+v", s.o.NodeID, got, want)
+		}
+	}
+}
+
+func TestClusterFailover(t *testing.T) {
+	c := newCluster(t, 3, func(o *Options) {
+		// Small enough that the node restarted below is behind the leader's
+		// compacted log and must be sent a snapshot.
+		o.SnapshotThreshold, o.TrailingLogs, o.SnapshotInterval = 16, 4, 50*time.Millisecond
+	})
+	start := time.Now()
+	for _, id := range c.ids {
+		if s := c.start(id); !s.bootstrapped {
+			t.Errorf("%s did not bootstrap on first start", id)
+		}
+	}
+	leader := c.leader(5 * time.Second)
+	t.Logf("first leader %s after %v", leader.o.NodeID, time.Since(start))
+	if ms := leader.Members(); len(ms) != 3 {
+		t.Errorf("Members() = %+v", ms)
+	}
+
+	ctx := ctxTimeout(t, 15*time.Second)
+	f := c.follower(leader)
+	sub, unsub := f.Subscribe()
+	defer unsub()
+	// Through a follower: forwarded to the leader.
+	for _, cmd := range []Command{
+		{Op: OpPause, Route: "store", By: "f"},
+		{Op: OpHold, IDs: []string{"A", "B", "C"}, By: "f", Reason: "why"},
+		{Op: OpSetRamp, Route: "store", Ramp: &Ramp{Rate: 5, Concurrency: 2, Phase: "slow_start", Updated: time.Now()}},
+	} {
+		if err := f.Apply(ctx, cmd); err != nil {
+			t.Fatalf("Apply %s via follower %s: %v", cmd.Op, f.o.NodeID, err)
+		}
+	}
+	// The leader applied before Apply returned; followers follow.
+	if st := leader.State(); !st.Held("B") || !st.RoutePaused("store") {
+		t.Fatalf("leader state after forwarded applies: %+v", st)
+	}
+	c.converged(leader, 5*time.Second)
+	if !signalled(sub, time.Second) {
+		t.Error("follower not signalled after apply")
+	}
+	if err := f.Apply(ctx, Command{Op: OpHold}); !errors.Is(err, ErrInvalidCommand) {
+		t.Errorf("bad command via follower: %v, want ErrInvalidCommand", err)
+	}
+	b, _ := encodeCommand(&Command{Op: OpPause})
+	if err := f.ApplyEncoded(ctx, b); !errors.Is(err, ErrNotLeader) {
+		t.Errorf("ApplyEncoded on a follower: %v, want ErrNotLeader", err)
+	}
+
+	// Kill the leader: a new one is elected and has everything.
+	before := leader.State()
+	old := leader.o.NodeID
+	oldLast := leader.raft.LastIndex()
+	killed := time.Now()
+	c.kill(old)
+	leader = c.leader(5 * time.Second)
+	t.Logf("new leader %s %v after killing %s", leader.o.NodeID, time.Since(killed), old)
+	if leader.o.NodeID == old {
+		t.Fatal("the killed node is still the leader")
+	}
+	if got := leader.State(); !reflect.DeepEqual(got, before) {
+		t.Errorf("state after failover\n got %+v\nwant %+v", got, before)
+	}
+
+	// Two of three keep working, through either node, past the old
+	// node's last log index and its snapshot threshold.
+	f = c.follower(leader)
+	for i := range 40 {
+		s := leader
+		if i%2 == 1 {
+			s = f
+		}
+		cmd := Command{Op: OpHold, IDs: []string{fmt.Sprintf("H%02d", i)}, By: s.o.NodeID}
+		if i%5 == 0 {
+			cmd = Command{Op: OpResetRamp, Route: "store"}
+		}
+		if err := s.Apply(ctx, cmd); err != nil {
+			t.Fatalf("Apply %d with 2 of 3 via %s: %v", i, s.o.NodeID, err)
+		}
+	}
+	if err := f.Apply(ctx, Command{Op: OpRelease, IDs: []string{"A"}}); err != nil {
+		t.Fatal(err)
+	}
+	c.converged(leader, 5*time.Second)
+	waitFor(t, 5*time.Second, "the leader to compact its log past the killed node", func() bool {
+		first, _ := leader.bolt.FirstIndex()
+		return first > oldLast+1
+	})
+
+	// The old node comes back from its directory: no bootstrap, and it
+	// catches up from the leader's snapshot.
+	back := c.start(old)
+	if back.bootstrapped {
+		t.Errorf("%s bootstrapped again on restart", old)
+	}
+	c.converged(leader, 5*time.Second)
+	if snaps, _ := back.snaps.List(); len(snaps) == 0 || snaps[0].Index <= oldLast {
+		t.Errorf("restarted node has no snapshot past index %d: %+v", oldLast, snaps)
+	}
+	if !back.State().Held("H39") || back.State().Held("A") || back.State().Route("store").ResetSeq != 8 {
+		t.Errorf("restarted node's state: %+v", back.State())
+	}
+	if id, _ := back.Leader(); id != leader.o.NodeID {
+		t.Errorf("restarted node follows %q, want %s", id, leader.o.NodeID)
+	}
+
+	// With one of three, nothing can commit: Apply fails instead of
+	// succeeding, on what was the leader as on a follower.
+	last := c.running()[0]
+	for _, s := range c.running()[1:] {
+		c.kill(s.o.NodeID)
+	}
+	want := last.State()
+	fctx, cancel := context.WithTimeout(t.Context(), time.Second)
+	defer cancel()
+	start = time.Now()
+	err := last.Apply(fctx, Command{Op: OpResume, Route: "store"})
+	if err == nil {
+		t.Fatal("Apply succeeded with 1 of 3 nodes")
+	}
+	t.Logf("Apply with 1 of 3 failed after %v: %v", time.Since(start), err)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Apply with 1 of 3: %v, want a deadline error", err)
+	}
+	if got := last.State(); got != want || last.IsLeader() {
+		t.Errorf("state changed or still leader with 1 of 3 (leader %v)", last.IsLeader())
+	}
+}
+
+// TestClusterWipedNode restarts a node with an empty directory after the
+// cluster moved on: it bootstraps with the same configuration and still
+// joins, with the cluster's state.
+func TestClusterWipedNode(t *testing.T) {
+	c := newCluster(t, 3, nil)
+	for _, id := range c.ids {
+		c.start(id)
+	}
+	leader := c.leader(5 * time.Second)
+	ctx := ctxTimeout(t, 10*time.Second)
+	for i := range 5 {
+		if err := leader.Apply(ctx, Command{Op: OpHold, IDs: []string{fmt.Sprint(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := c.follower(leader)
+	id := f.o.NodeID
+	c.kill(id)
+	if err := leader.Apply(ctx, Command{Op: OpPause}); err != nil {
+		t.Fatal(err)
+	}
+	o := c.opts[id]
+	o.Dir = t.TempDir()
+	c.opts[id] = o
+	if s := c.start(id); !s.bootstrapped {
+		t.Error("a wiped node did not bootstrap")
+	}
+	c.converged(leader, 5*time.Second)
+	if id, _ := c.node(o.NodeID).Leader(); id != leader.o.NodeID {
+		t.Errorf("wiped node follows %q, want %s", id, leader.o.NodeID)
+	}
+	if l := c.leader(time.Second); l != leader {
+		t.Errorf("the wiped node disturbed the leader: now %s", l.o.NodeID)
+	}
+	if err := c.node(o.NodeID).Apply(ctx, Command{Op: OpResume}); err != nil {
+		t.Fatal(err)
+	}
+	c.converged(leader, 5*time.Second)
+
+	// A clean Close of the leader hands leadership over first.
+	c.mu.Lock()
+	delete(c.nodes, leader.o.NodeID)
+	c.mu.Unlock()
+	start := time.Now()
+	if err := leader.Close(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("leader Close took %v", time.Since(start))
+	next := c.leader(5 * time.Second)
+	t.Logf("next leader %s %v after Close began", next.o.NodeID, time.Since(start))
+	if err := leader.Apply(ctx, Command{Op: OpPause}); !errors.Is(err, ErrClosed) {
+		t.Errorf("Apply after Close: %v, want ErrClosed", err)
+	}
+	if err := next.Apply(ctx, Command{Op: OpPause}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Over mutual TLS the cluster forms, and a node whose certificate comes
+// from another CA cannot take part.
+func TestClusterTLS(t *testing.T) {
+	ca, err := testpki.NewCA("mxq cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := ca.Issue("127.0.0.1", "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCluster(t, 3, func(o *Options) { o.TLS = ca.MutualTLS(leaf) })
+	for _, id := range c.ids {
+		c.start(id)
+	}
+	l := c.leader(10 * time.Second)
+	if err := l.Apply(ctxTimeout(t, 5*time.Second), Command{Op: OpPause, By: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	c.converged(l, 5*time.Second)
+
+	// A stranger: right protocol, wrong CA. Its connection attempts fail
+	// the handshake; the cluster is undisturbed.
+	other, _ := testpki.NewCA("someone else")
+	bad, _ := other.Issue("127.0.0.1")
+	layer, err := newTLSLayer("127.0.0.1:0", nil, other.MutualTLS(bad))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer layer.Close()
+	_, addr := l.Leader()
+	conn, err := layer.Dial(raft.ServerAddress(addr), 2*time.Second)
+	if err == nil {
+		// TLS 1.3 may report the failure on first use.
+		_, err = conn.Write([]byte{0})
+		if err == nil {
+			buf := make([]byte, 1)
+			_, err = conn.Read(buf)
+		}
+		conn.Close()
+	}
+	if err == nil {
+		t.Fatal("a node with a foreign certificate talked to the cluster")
+	}
+	if l2 := c.leader(5 * time.Second); l2 != l || !l2.State().Paused {
+		t.Fatal("the cluster changed after the stranger's attempt")
+	}
+}
+
+// Scaling: three nodes bootstrapped, two more started with the grown peer
+// list; the leader's Reconcile adds them as voters, and a later Reconcile
+// with the shorter list removes them again.
+func TestReconcileMembership(t *testing.T) {
+	c := newCluster(t, 5, nil)
+	all := c.opts["n1"].Peers
+	for _, id := range c.ids[:3] {
+		o := c.opts[id]
+		o.Peers = all[:3]
+		c.opts[id] = o
+	}
+	for _, id := range c.ids[:3] {
+		c.start(id)
+	}
+	l := c.leader(10 * time.Second)
+	if err := l.Apply(ctxTimeout(t, 5*time.Second), Command{Op: OpPause, By: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	c.start("n4")
+	c.start("n5")
+	if err := l.Reconcile(all, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(l.Members()); n != 5 {
+		t.Fatalf("%d members after adding two", n)
+	}
+	waitFor(t, 10*time.Second, "new members caught up", func() bool {
+		return c.node("n4").State().Paused && c.node("n5").State().Paused
+	})
+	// Scale back down: absent for longer than the grace, then removed.
+	if err := l.Reconcile(all[:3], 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(l.Members()); n != 5 {
+		t.Fatalf("removed at first sight: %d members", n)
+	}
+	time.Sleep(10 * time.Millisecond)
+	if err := l.Reconcile(all[:3], 0); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(l.Members()); n != 3 {
+		t.Fatalf("%d members after removing two", n)
+	}
+	c.kill("n4")
+	c.kill("n5")
+	if err := l.Apply(ctxTimeout(t, 5*time.Second), Command{Op: OpResume, By: "t"}); err != nil {
+		t.Fatalf("three remaining members cannot commit: %v", err)
+	}
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of mxq: unit, end-to-end with real peers, fault and
+# cluster tests. Installs the Debian packages the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+# MXQ_E2E=require: a test whose peer program is missing fails instead of
+# skipping, so a green run means everything really ran.
+export MXQ_E2E=require
+go vet ./...
+go test -count=1 -timeout 25m ./...
+for f in ./queue/envelope:FuzzDecode ./relay:FuzzSession ./internal/mailaddr:FuzzParse; do go test -run '^$' -fuzz="^${f#*:}\$" -fuzztime=10s "${f%%:*}"; done
+(cd deploy/helm/test && go test -mod=mod -count=1 ./...)
