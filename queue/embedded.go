@@ -222,7 +222,17 @@ func (a *slogAdapter) Tracef(f string, v ...any) {}
 //
 // The staging path is nats-server's layout (v2.12+); the server removes the
 // link at start-up, so call this after every start, once the stream exists.
+//
+// The batches live in a subdirectory of dir that mxq owns and empties here:
+// the server has finished, at start-up, every batch a crash interrupted
+// mid-commit, and anything else there belonged to batches that were never
+// committed (a kill -9 mid-DATA leaves a large message's chunks behind).
+// Without this, every crash would leave its batches in memory until reboot.
 func (e *Embedded) StageBatches(storeDir, stream, dir string) error {
+	dir = filepath.Join(dir, stream+"-batches")
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("batch staging: %w", err)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("batch staging: %w", err)
 	}

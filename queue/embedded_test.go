@@ -64,3 +64,65 @@ func TestStartEmbeddedFailsFast(t *testing.T) {
 		})
 	}
 }
+
+// A crash leaves the batches it was staging behind (chunks of a large
+// message cut off mid-DATA): the next start clears them, and what shares
+// the configured directory is left alone.
+func TestStageBatchesClearsWhatACrashLeft(t *testing.T) {
+	ctx := context.Background()
+	storeDir, stage := t.TempDir(), t.TempDir()
+	stale := filepath.Join(stage, "MXQ-batches", "Xy12AbCd", "msgs", "1.blk")
+	if err := os.MkdirAll(filepath.Dir(stale), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(stale, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	neighbour := filepath.Join(stage, "not-ours")
+	if err := os.WriteFile(neighbour, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	emb, err := StartEmbedded(ctx, EmbeddedOptions{ServerName: "t", StoreDir: storeDir, MaxPayload: 8 << 20, SyncAlways: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emb.Shutdown()
+	nc, err := emb.Connect("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	s, err := Open(ctx, nc, Options{Stream: "MXQ", Replicas: 1, Durability: DurabilityGroup, Committers: 1,
+		GroupMaxMessages: 64, GroupMaxBytes: 8 << 20, ChunkSize: 64 << 10, Timeout: 5 * time.Second,
+		Route: func(string) string { return "store" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := emb.StageBatches(storeDir, "MXQ", stage); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Fatalf("stale batch still staged: %v", err)
+	}
+	if _, err := os.Stat(neighbour); err != nil {
+		t.Fatalf("a file beside the staging area was touched: %v", err)
+	}
+
+	// Staging still works: a message in several chunks is one batch.
+	big := strings.Repeat("0123456789abcdef", 20<<10) // 320 KiB: 5 chunks
+	if err := s.Enqueue(ctx, testEnv("u@example.test"), strings.NewReader(big)); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, s, "store"); len(got) != 1 || string(body(t, s, got[0])) != big {
+		t.Fatalf("queued %d records, want the one message intact", len(got))
+	}
+	left, err := os.ReadDir(filepath.Join(stage, "MXQ-batches"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) != 0 {
+		t.Fatalf("a committed batch left %d entries in staging", len(left))
+	}
+}
