@@ -7,9 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mxq-dev/mxq/internal/testbackend"
 )
 
 // bigMessage is a message of exactly size bytes, CRLF lines.
@@ -157,5 +160,82 @@ func TestGracefulShutdown(t *testing.T) {
 	msgs := dc.messages()
 	if len(msgs) != 1 || !bytes.Contains(msgs[0].Data, []byte("first half\r\nsecond half\r\n")) {
 		t.Fatalf("after restart, Dovecot holds %d messages", len(msgs))
+	}
+}
+
+// A kill -9 in the middle of a large message's DATA leaves the chunks
+// stored so far in the stream, named by no envelope. The next start removes
+// them, and only them: a large message queued before is delivered whole.
+func TestCrashMidUploadLeavesNoOrphans(t *testing.T) {
+	beAddr := freePort(t) // the store is down until the end
+	m := startMxq(t, fmt.Sprintf(coreConfig, beAddr, 200))
+
+	whole := bigMessage(10 << 20)
+	c, err := dial(m.smtp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := sendOne(t.Context(), c, "big@example.org", []string{"bob@example.test"}, whole)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+
+	// 20 MiB of a 30 MiB message: several 4 MiB chunks are stored by the
+	// time the write returns, however much the sockets buffer.
+	c, err = dial(m.smtp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("big@example.org", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("carol@example.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(bigMessage(30 << 20)[:20<<20]); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	m.kill()
+
+	m.start()
+	var logged string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		b, _ := os.ReadFile(m.logPath)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "chunks of messages a crash cut off") {
+				logged = l
+			}
+		}
+		if logged != "" {
+			break
+		}
+	}
+	if !strings.Contains(logged, "messages=1 ") || strings.Contains(logged, "bytes=0 ") {
+		t.Fatalf("restart after the crash: want one cut-off message's chunks removed, log says %q", logged)
+	}
+	t.Logf("restart: %s", logged)
+
+	be, err := testbackend.Start(beAddr, testbackend.Options{KeepData: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	for deadline := time.Now().Add(time.Minute); be.Stats().Accepted < 1 && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // nothing else may follow
+	ds := be.Deliveries()
+	if len(ds) != 1 || ds[0].QueueID != id {
+		t.Fatalf("%d deliveries, want just %s", len(ds), id)
+	}
+	if _, body, err := stripAdded(ds[0].Data); err != nil || sha256.Sum256(body) != sha256.Sum256(whole) {
+		t.Fatalf("the queued 10 MiB message arrived damaged (%d bytes, %v)", len(body), err)
 	}
 }

@@ -76,6 +76,9 @@ type Options struct {
 	ChunkSize int
 	// Timeout bounds one store operation.
 	Timeout time.Duration
+	// Origin names this node on the chunk records it writes (see
+	// CollectOrphans).
+	Origin string
 	// Route names the route (backend) for a normalized recipient domain.
 	Route func(domain string) string
 	// Connect, if set, opens extra connections: each committer gets its
@@ -561,7 +564,7 @@ func readUpTo(r io.Reader, buf *[]byte, limit int) (int, error) {
 // MiB per message would not fit the small staging area group commit uses.
 // If the session fails half-way, its chunks are purged; a crash at that
 // moment leaves orphan chunks that no envelope names (wasted space, not
-// visible mail).
+// visible mail), which CollectOrphans removes at the next start.
 func (s *Store) storeLarge(ctx context.Context, parts []*envelope.Envelope, first []byte, r io.Reader) error {
 	for _, p := range parts {
 		p.BodyToken = p.ID + "." + strconv.Itoa(p.Part)
@@ -620,6 +623,9 @@ func (s *Store) storeChunk(ctx context.Context, p *envelope.Envelope, n int, dat
 	m := &nats.Msg{Subject: s.chunkSubject(p.BodyToken), Header: nats.Header{}, Data: data}
 	m.Header.Set(envelope.HdrID, p.ID)
 	m.Header.Set(hdrChunk, strconv.Itoa(n))
+	if s.o.Origin != "" {
+		m.Header.Set(hdrOrigin, s.o.Origin)
+	}
 	// Deduplicates a chunk whose first publish timed out but was stored.
 	m.Header.Set(envelope.HdrMsgID, p.BodyToken+"/"+strconv.Itoa(n))
 	return s.w.publishAll(ctx, []*nats.Msg{m})

@@ -163,6 +163,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		Timeout:          cfg.Queue.Timeout,
 		Route:            cfg.RouteFor,
 		Connect:          connect,
+		Origin:           cfg.NodeName,
 		Logger:           log,
 	})
 	if err != nil {
@@ -175,6 +176,8 @@ func serve(ctx context.Context, cfg *config.Config) error {
 			defer os.Remove(dir)
 		}
 	}
+
+	collectOrphans(ctx, log, store, emb != nil && !cfg.Clustered())
 
 	var salt [4]byte
 	_, _ = rand.Read(salt[:])
@@ -401,6 +404,22 @@ func stageBatches(log *slog.Logger, cfg *config.Config, emb *queue.Embedded) str
 	}
 	log.Debug("batch staging", "dir", dir)
 	return dir
+}
+
+// collectOrphans frees the stream space held by chunks of large messages
+// a crash cut off, before this node accepts or delivers anything (see
+// queue.Store.CollectOrphans). A node alone on its embedded stream owns
+// every chunk in it; otherwise only those it wrote itself. Failing is not
+// fatal: the space stays taken until the next start, no mail is at stake.
+func collectOrphans(ctx context.Context, log *slog.Logger, store *queue.Store, alone bool) {
+	start := time.Now()
+	got, err := store.CollectOrphans(ctx, alone)
+	switch {
+	case err != nil:
+		log.Warn("orphan chunks left in the stream", "err", err)
+	case got.Messages > 0:
+		log.Info("removed the chunks of messages a crash cut off", "messages", got.Messages, "chunks", got.Chunks, "bytes", got.Bytes, "took", time.Since(start).Round(time.Millisecond))
+	}
 }
 
 // lockDataDir makes sure no other mxq uses the same data directory.
