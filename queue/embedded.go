@@ -226,7 +226,7 @@ func (a *slogAdapter) Tracef(f string, v ...any) {}
 // The batches live in a subdirectory of dir that mxq owns and empties here:
 // the server has finished, at start-up, every batch a crash interrupted
 // mid-commit, and anything else there belonged to batches that were never
-// committed (a kill -9 mid-DATA leaves a large message's chunks behind).
+// committed (group commits a kill -9 caught while they were being staged).
 // Without this, every crash would leave its batches in memory until reboot.
 func (e *Embedded) StageBatches(storeDir, stream, dir string) error {
 	dir = filepath.Join(dir, stream+"-batches")
