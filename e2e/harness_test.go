@@ -189,7 +189,20 @@ func (p *mxqProc) stop() error {
 	case err := <-done:
 		return err
 	case <-time.After(60 * time.Second):
-		cmd.Process.Kill()
+		// SIGQUIT: the Go runtime writes every goroutine's stack to the
+		// log, which shows what the shutdown is waiting for.
+		cmd.Process.Signal(syscall.SIGQUIT)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+		}
+		if b, err := os.ReadFile(p.logPath); err == nil {
+			// Kept outside the test's own directory, which is removed.
+			f := filepath.Join(os.TempDir(), fmt.Sprintf("mxq-stuck-%d.log", time.Now().UnixNano()))
+			_ = os.WriteFile(f, b, 0o644)
+			p.t.Logf("goroutines of the stuck mxq (SIGQUIT) in %s", f)
+		}
 		return fmt.Errorf("mxq did not stop within 60s of SIGTERM")
 	}
 }

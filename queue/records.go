@@ -170,7 +170,13 @@ func (s *Store) deleteSeq(ctx context.Context, seq uint64) error {
 	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
 	defer cancel()
 	err := s.stream.DeleteMsg(ctx, seq)
-	if err == nil || gone(err) {
+	if err == nil {
+		return nil
+	}
+	if gone(err) {
+		// Seen after JetStream restarted from a full disk: the record read
+		// a moment ago, the server says it holds no such message.
+		s.log.Warn("deleting a record the store no longer holds; taken as deleted", "seq", seq, "err", err)
 		return nil
 	}
 	return fmt.Errorf("deleting record %d: %w", seq, err)
@@ -184,6 +190,11 @@ func gone(err error) bool {
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeMessageNotFound ||
 		apiErr.ErrorCode == errCodeMsgDeleteFailed && strings.Contains(apiErr.Description, "no message found")) {
+		return true
+	}
+	if errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) && strings.Contains(err.Error(), "no message found") {
+		// nats.go (v1.55) flattens the server's API error into the text of
+		// ErrMsgDeleteUnsuccessful, so errors.As above does not see it.
 		return true
 	}
 	return errors.Is(err, jetstream.ErrMsgNotFound) || strings.Contains(err.Error(), "not found")

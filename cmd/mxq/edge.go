@@ -97,7 +97,13 @@ func startEdge(cfg *config.Config, log *slog.Logger, emb *queue.Embedded) (*edge
 			log.Info("disk guard", "dir", cfg.DataDir, "free_bytes", free, "reserve_bytes", g.Reserve(size))
 		}
 		if js, err := diskguard.NATS(emb.Server()); err == nil {
-			run(func(ctx context.Context) { g.Watch(ctx, js, diskguard.WatchOptions{}) })
+			wo := diskguard.WatchOptions{}
+			if cfg.Queue.Replicas == 1 {
+				// The restarted server takes the staging area back to
+				// the disk; group commit would stay slow until a restart.
+				wo.Restarted = func() { stageBatches(log, cfg, emb) }
+			}
+			run(func(ctx context.Context) { g.Watch(ctx, js, wo) })
 		} else {
 			log.Warn("JetStream watchdog not started", "err", err)
 		}

@@ -120,6 +120,9 @@ type WatchOptions struct {
 	// MaxBackoff bounds the wait between restarts that did not help
 	// (default 5m).
 	MaxBackoff time.Duration
+	// Restarted, if set, runs after each successful restart: what was
+	// set up on the running store (the batch staging link) is gone.
+	Restarted func()
 }
 
 // Watch checks the store every interval until ctx ends, and restarts it
@@ -165,6 +168,8 @@ func (g *Guard) Watch(ctx context.Context, js JetStream, o WatchOptions) {
 		g.log.Warn("restarting JetStream to clear the storage error", "err", err, "free_bytes", free)
 		if err := js.Restart(); err != nil {
 			g.log.Error("JetStream restart failed", "err", err)
+		} else if o.Restarted != nil {
+			o.Restarted()
 		}
 		next = time.Now().Add(backoff)
 		backoff = min(2*backoff, o.MaxBackoff)

@@ -70,10 +70,11 @@ func TestWatchRestartsWhenThereIsRoom(t *testing.T) {
 	js := &fakeJS{restarts: make(chan struct{}, 100)}
 	enospc := errors.New("write error: no space left on device")
 	js.broken.Store(&enospc)
+	var restarted atomic.Int32
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		g.Watch(ctx, js, WatchOptions{Interval: time.Millisecond, MaxBackoff: time.Millisecond})
+		g.Watch(ctx, js, WatchOptions{Interval: time.Millisecond, MaxBackoff: time.Millisecond, Restarted: func() { restarted.Add(1) }})
 		close(done)
 	}()
 	defer func() { cancel(); <-done }()
@@ -105,6 +106,10 @@ func TestWatchRestartsWhenThereIsRoom(t *testing.T) {
 	waitFor("Check accepts again", func() bool { return g.Check(0) == nil })
 	if n := len(js.restarts); n != 1 {
 		t.Fatalf("%d restarts, want 1", n)
+	}
+	waitFor("Restarted runs after the restart", func() bool { return restarted.Load() > 0 })
+	if n := restarted.Load(); n != 1 {
+		t.Fatalf("Restarted ran %d times, want once after the restart", n)
 	}
 }
 

@@ -20,7 +20,10 @@ type Reporter interface {
 // finish writes a delivery's outcome to the queue. unreachable means the
 // remaining recipients were not refused by anyone: they are retried when the
 // circuit closes, without counting an attempt.
-func (rd *routeDrain) finish(ctx context.Context, rec queue.Record, results []delivery.Result, unreachable bool, latency time.Duration) {
+//
+// ctx is not cancelled by a stopping drain (the outcome must be written);
+// stopping is closed when the drain stops, which shortens the retries.
+func (rd *routeDrain) finish(ctx context.Context, stopping <-chan struct{}, rec queue.Record, results []delivery.Result, unreachable bool, latency time.Duration) {
 	o := &rd.d.o
 	now := o.Clock.Now()
 	env := rec.Env
@@ -89,10 +92,13 @@ func (rd *routeDrain) finish(ctx context.Context, rec queue.Record, results []de
 		}
 	}
 	var err error
+	onFail := func(err error) {
+		rd.log.Warn("recording delivery outcome failed, retrying", "id", env.ID, "err", err)
+	}
 	if len(outs) == 0 {
-		err = retryStore(ctx, func() error { return rd.d.src.Complete(ctx, rec) })
+		err = retryStore(ctx, o.Clock, stopping, onFail, func() error { return rd.d.src.Complete(ctx, rec) })
 	} else {
-		err = retryStore(ctx, func() error { return rd.d.src.Rewrite(ctx, rec, outs) })
+		err = retryStore(ctx, o.Clock, stopping, onFail, func() error { return rd.d.src.Rewrite(ctx, rec, outs) })
 	}
 	if err != nil {
 		rd.log.Error("recording delivery outcome failed; the message may be delivered again", "id", env.ID, "err", err)
@@ -148,18 +154,31 @@ func backoff(min, max time.Duration, attempts int, u float64) time.Duration {
 }
 
 // retryStore retries a queue write for up to a minute: the delivery has
-// happened, and forgetting that would deliver the message again.
-func retryStore(ctx context.Context, f func() error) error {
+// happened, and forgetting that would deliver the message again. Once
+// stopping is closed it tries for at most storeRetryStopping more: a
+// process asked to stop must stop well within an orchestrator's grace
+// period, and the worst a forgotten outcome does is one duplicate delivery.
+// onFail hears the first failure.
+func retryStore(ctx context.Context, clock Clock, stopping <-chan struct{}, onFail func(error), f func() error) error {
 	var err error
 	wait := 100 * time.Millisecond
-	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); {
+	deadline := clock.Now().Add(time.Minute)
+	for attempt := 0; clock.Now().Before(deadline); attempt++ {
 		if err = f(); err == nil {
 			return nil
+		}
+		if attempt == 0 && onFail != nil {
+			onFail(err)
 		}
 		select {
 		case <-ctx.Done():
 			return err
-		case <-time.After(wait):
+		case <-stopping:
+			if d := clock.Now().Add(storeRetryStopping); d.Before(deadline) {
+				deadline = d
+			}
+			stopping = nil
+		case <-clock.After(wait):
 		}
 		if wait < 5*time.Second {
 			wait *= 2
@@ -167,6 +186,9 @@ func retryStore(ctx context.Context, f func() error) error {
 	}
 	return err
 }
+
+// storeRetryStopping bounds retryStore once the drain is stopping.
+const storeRetryStopping = 3 * time.Second
 
 func pick(all []string, idx []int) []string {
 	out := make([]string, len(idx))

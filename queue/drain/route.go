@@ -419,5 +419,5 @@ func (rd *routeDrain) deliver(ctx context.Context, rec queue.Record) {
 		}
 	}
 	rd.mu.Unlock()
-	rd.finish(dctx, rec, results, err != nil, latency)
+	rd.finish(dctx, ctx.Done(), rec, results, err != nil, latency)
 }
