@@ -219,6 +219,12 @@ func Decode(h Header) (*Envelope, error) {
 		t, err := time.Parse(time.RFC3339Nano, s)
 		if err != nil {
 			bad(k, "not an RFC 3339 time")
+			return t
+		}
+		// Stored in UTC: a time that is only in range with its offset
+		// (year 0 at +01:00 is year -1 in UTC) could not be read back.
+		if y := t.UTC().Year(); y < 1 || y > 9999 {
+			bad(k, "time out of range")
 		}
 		return t
 	}
