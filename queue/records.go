@@ -3,6 +3,7 @@ package queue
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -62,7 +63,86 @@ func (s *Store) ReadFrom(ctx context.Context, subject string, seq uint64, max, m
 			pending = np
 		}
 	}
+	if s.o.Replicas > 1 && len(recs) < max {
+		return s.completeFromLeader(ctx, subject, seq, max, recs, pending)
+	}
 	return recs, pending, nil
+}
+
+// completeFromLeader makes a short read from a replicated stream whole.
+//
+// Direct gets, which batch reads are, may be answered by any replica, and a
+// follower can be a few milliseconds behind the leader: it answers "that is
+// all" while the leader already holds more. A reader that takes the end of
+// a read for the end of the subject (the drain marks the range as read)
+// would then miss those records until its next rescan. So a short read
+// asks the leader for the next record after it and, while the leader has
+// one, adds it: usually nothing (one round trip), after a fresh write the
+// few records the follower had not applied yet.
+func (s *Store) completeFromLeader(ctx context.Context, subject string, seq uint64, max int, recs []Record, pending uint64) ([]Record, uint64, error) {
+	from := seq
+	if n := len(recs); n > 0 {
+		from = recs[n-1].Seq + 1
+	}
+	for len(recs) < max {
+		m, err := s.leaderNext(ctx, subject, from)
+		if err != nil {
+			return recs, pending, fmt.Errorf("reading %s: %w", subject, err)
+		}
+		if m == nil {
+			return recs, 0, nil
+		}
+		recs = append(recs, toRecord(m))
+		from = m.Sequence + 1
+		pending = 1 // at least as far as this reader can tell
+	}
+	return recs, pending, nil
+}
+
+// leaderNext returns the first record on subject at or after seq, as the
+// stream leader has it (the plain message-get API, which only the leader
+// answers), or nil if there is none.
+func (s *Store) leaderNext(ctx context.Context, subject string, seq uint64) (*jetstream.RawStreamMsg, error) {
+	req, err := json.Marshal(struct {
+		Seq  uint64 `json:"seq"`
+		Next string `json:"next_by_subj"`
+	}{seq, subject})
+	if err != nil {
+		return nil, err
+	}
+	resp, err := s.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+s.o.Stream, req)
+	if err != nil {
+		return nil, err
+	}
+	var r struct {
+		Error   *jetstream.APIError `json:"error"`
+		Message *struct {
+			Subject string    `json:"subject"`
+			Seq     uint64    `json:"seq"`
+			Header  []byte    `json:"hdrs"`
+			Data    []byte    `json:"data"`
+			Time    time.Time `json:"time"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(resp.Data, &r); err != nil {
+		return nil, fmt.Errorf("message get: %w", err)
+	}
+	if r.Error != nil {
+		if r.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
+			return nil, nil
+		}
+		return nil, r.Error
+	}
+	if r.Message == nil {
+		return nil, errors.New("message get: empty answer")
+	}
+	m := &jetstream.RawStreamMsg{Subject: r.Message.Subject, Sequence: r.Message.Seq, Data: r.Message.Data, Time: r.Message.Time}
+	if len(r.Message.Header) > 0 {
+		if m.Header, err = nats.DecodeHeadersMsg(r.Message.Header); err != nil {
+			return nil, fmt.Errorf("message get: %w", err)
+		}
+	}
+	return m, nil
 }
 
 // Get returns the record at seq, or an error wrapping jetstream.ErrMsgNotFound.

@@ -91,15 +91,17 @@ func (s *scanner) next(ctx context.Context) ([]queue.Record, error) {
 		} else {
 			start, end = s.todo[0].lo, s.known
 		}
-		recs, _, err := s.src.ReadFrom(ctx, s.subject, start, s.window, s.bytes)
+		recs, pending, err := s.src.ReadFrom(ctx, s.subject, start, s.window, s.bytes)
 		if err != nil {
 			return nil, err
 		}
-		// Keep what falls in unread ranges; mark the window as read.
+		// Keep what falls in unread ranges; mark as read what the read
+		// covered: up to its last record when it stopped early (a full
+		// window, or the byte limit with more pending), else the range.
 		var out []queue.Record
 		readTo := end
-		if !s.newest && len(recs) == s.window {
-			readTo = recs[len(recs)-1].Seq
+		if n := len(recs); n > 0 && (n == s.window || pending > 0) && recs[n-1].Seq < end {
+			readTo = recs[n-1].Seq
 		}
 		for _, r := range recs {
 			if r.Seq <= readTo && s.pending(r.Seq) {
