@@ -170,6 +170,15 @@ func retryStore(ctx context.Context, clock Clock, stopping <-chan struct{}, onFa
 		if attempt == 0 && onFail != nil {
 			onFail(err)
 		}
+		// A stop already asked for shortens this wait, not only the next.
+		select {
+		case <-stopping:
+			if d := clock.Now().Add(storeRetryStopping); d.Before(deadline) {
+				deadline = d
+			}
+			stopping = nil
+		default:
+		}
 		select {
 		case <-ctx.Done():
 			return err
