@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -44,6 +45,11 @@ func (s *Store) CollectOrphans(ctx context.Context, anyOrigin bool) (Orphans, er
 	var out Orphans
 	cp := s.prefix + ".c."
 	chunks, bytesBefore, err := s.subjects(ctx, cp+">")
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		// A new cluster's stream this node's server does not know yet:
+		// nothing in it can be orphaned.
+		return out, nil
+	}
 	if err != nil || len(chunks) == 0 {
 		return out, err
 	}
