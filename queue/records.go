@@ -63,8 +63,10 @@ func (s *Store) ReadFrom(ctx context.Context, subject string, seq uint64, max, m
 			pending = np
 		}
 	}
-	if s.o.Replicas > 1 && len(recs) < max {
-		return s.completeFromLeader(ctx, subject, seq, max, recs, pending)
+	if s.o.Replicas > 1 && len(recs) < max && pending == 0 {
+		// Short, and the replica that answered knew of nothing more (not
+		// cut by maxBytes): it may have been behind.
+		return s.completeFromLeader(ctx, subject, seq, max, maxBytes, recs)
 	}
 	return recs, pending, nil
 }
@@ -79,24 +81,26 @@ func (s *Store) ReadFrom(ctx context.Context, subject string, seq uint64, max, m
 // asks the leader for the next record after it and, while the leader has
 // one, adds it: usually nothing (one round trip), after a fresh write the
 // few records the follower had not applied yet.
-func (s *Store) completeFromLeader(ctx context.Context, subject string, seq uint64, max int, recs []Record, pending uint64) ([]Record, uint64, error) {
-	from := seq
-	if n := len(recs); n > 0 {
-		from = recs[n-1].Seq + 1
+//
+// What it adds counts against max and maxBytes like the rest of the read;
+// pending is 1 when it stopped at a bound (there may be more), else 0.
+func (s *Store) completeFromLeader(ctx context.Context, subject string, seq uint64, max, maxBytes int, recs []Record) ([]Record, uint64, error) {
+	from, size := seq, 0
+	for _, r := range recs {
+		from, size = r.Seq+1, size+len(r.Data)
 	}
-	for len(recs) < max {
+	for len(recs) < max && (maxBytes <= 0 || size < maxBytes) {
 		m, err := s.leaderNext(ctx, subject, from)
 		if err != nil {
-			return recs, pending, fmt.Errorf("reading %s: %w", subject, err)
+			return recs, 0, fmt.Errorf("reading %s: %w", subject, err)
 		}
 		if m == nil {
 			return recs, 0, nil
 		}
 		recs = append(recs, toRecord(m))
-		from = m.Sequence + 1
-		pending = 1 // at least as far as this reader can tell
+		from, size = m.Sequence+1, size+len(m.Data)
 	}
-	return recs, pending, nil
+	return recs, 1, nil
 }
 
 // leaderNext returns the first record on subject at or after seq, as the

@@ -61,18 +61,20 @@ func TestCompleteFromLeader(t *testing.T) {
 		t.Fatalf("%d records queued", len(all))
 	}
 	cases := []struct {
-		name      string
-		have, max int
-		want      int
+		name                string
+		have, max, maxBytes int
+		want                int
 	}{
-		{"follower had two", 2, 64, 5},
-		{"follower had none", 0, 64, 5},
-		{"window smaller than what is missing", 1, 3, 3},
-		{"nothing missing", 5, 64, 5},
+		{"follower had two", 2, 64, 0, 5},
+		{"follower had none", 0, 64, 0, 5},
+		{"window smaller than what is missing", 1, 3, 0, 3},
+		// The byte bound holds for what the leader adds, as for the rest.
+		{"byte limit reached by the first added", 0, 64, 1, 1},
+		{"nothing missing", 5, 64, 0, 5},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got, _, err := s.completeFromLeader(ctx, subj, 1, tc.max, append([]Record(nil), all[:tc.have]...), 0)
+			got, _, err := s.completeFromLeader(ctx, subj, 1, tc.max, tc.maxBytes, append([]Record(nil), all[:tc.have]...))
 			if err != nil {
 				t.Fatal(err)
 			}

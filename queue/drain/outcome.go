@@ -163,6 +163,12 @@ func retryStore(ctx context.Context, clock Clock, stopping <-chan struct{}, onFa
 	var err error
 	wait := 100 * time.Millisecond
 	deadline := clock.Now().Add(time.Minute)
+	stop := func() {
+		if d := clock.Now().Add(storeRetryStopping); d.Before(deadline) {
+			deadline = d
+		}
+		stopping = nil
+	}
 	for attempt := 0; clock.Now().Before(deadline); attempt++ {
 		if err = f(); err == nil {
 			return nil
@@ -173,20 +179,14 @@ func retryStore(ctx context.Context, clock Clock, stopping <-chan struct{}, onFa
 		// A stop already asked for shortens this wait, not only the next.
 		select {
 		case <-stopping:
-			if d := clock.Now().Add(storeRetryStopping); d.Before(deadline) {
-				deadline = d
-			}
-			stopping = nil
+			stop()
 		default:
 		}
 		select {
 		case <-ctx.Done():
 			return err
 		case <-stopping:
-			if d := clock.Now().Add(storeRetryStopping); d.Before(deadline) {
-				deadline = d
-			}
-			stopping = nil
+			stop()
 		case <-clock.After(wait):
 		}
 		if wait < 5*time.Second {
