@@ -8,11 +8,13 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/mxq-dev/mxq/internal/testbackend"
+	"github.com/mxq-dev/mxq/queue"
 )
 
 // bigMessage is a message of exactly size bytes, CRLF lines.
@@ -149,6 +151,12 @@ func TestGracefulShutdown(t *testing.T) {
 	expect("250 2.0.0 Ok: queued as")
 	if err := <-exited; err != nil {
 		t.Fatalf("exit after SIGTERM: %v (pid %d)", err, proc.Pid)
+	}
+	// A clean stop leaves nothing of the batch staging area in /dev/shm.
+	if stage := queue.TmpfsStagingDir(filepath.Join(m.dir, "data"), 0); stage != "" {
+		if _, err := os.Stat(stage); !os.IsNotExist(err) {
+			t.Errorf("batch staging %s still there after a clean stop (%v)", stage, err)
+		}
 	}
 
 	dc.start()

@@ -173,7 +173,8 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		if dir := stageBatches(log, cfg, emb); dir != "" && cfg.Queue.BatchStaging == "auto" {
 			// After a clean stop no batch is in flight: leave no trace in
 			// /dev/shm. (After a crash it stays, for the server's recovery.)
-			defer os.Remove(dir)
+			// The directory is mxq's own (auto), so all of it may go.
+			defer os.RemoveAll(dir)
 		}
 	}
 
