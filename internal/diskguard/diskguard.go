@@ -3,7 +3,10 @@
 //
 // Prevention: before a message is accepted, the relay asks Check whether
 // the data directory's file system has the message's size plus a reserve
-// free (statfs, a few microseconds). Below the reserve mail is refused with
+// free (statfs, a few microseconds; a reading is reused for MaxAge, so a
+// busy relay asks the kernel a few times a second, not twice per message:
+// the reserve is far larger than what arrives in that time). Below the
+// reserve mail is refused with
 // 452 4.3.1, and the senders keep it. The reserve is room for what is
 // already in flight (sessions streaming their messages in) and for the
 // drain, whose deletes and retry rewrites also write to the stream: a
@@ -45,7 +48,12 @@ type Guard struct {
 	// Statfs returns the bytes available to an unprivileged writer in
 	// dir's file system and the file system's size; tests replace it.
 	Statfs func(dir string) (free, size uint64, err error)
+	// MaxAge is how long Check reuses a reading (New sets 100ms; 0 asks
+	// every time). Now is the clock it is measured with.
+	MaxAge time.Duration
+	Now    func() time.Time
 
+	last   atomic.Pointer[reading]
 	low    atomic.Bool // last Check found too little space
 	broken atomic.Pointer[string]
 }
@@ -57,7 +65,30 @@ func New(dir string, reserve uint64, log *slog.Logger) *Guard {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Guard{dir: dir, reserve: reserve, log: log, Statfs: statfs}
+	return &Guard{dir: dir, reserve: reserve, log: log, Statfs: statfs, MaxAge: 100 * time.Millisecond, Now: time.Now}
+}
+
+// reading is one statfs result and when it was taken.
+type reading struct {
+	at         time.Time
+	free, size uint64
+}
+
+// space is the latest reading, taken again once it is MaxAge old. Failed
+// readings are not kept: the next Check asks again.
+func (g *Guard) space() (free, size uint64, err error) {
+	if g.MaxAge <= 0 || g.Now == nil {
+		return g.Statfs(g.dir)
+	}
+	now := g.Now()
+	if r := g.last.Load(); r != nil && now.Sub(r.at) < g.MaxAge && !now.Before(r.at) {
+		return r.free, r.size, nil
+	}
+	free, size, err = g.Statfs(g.dir)
+	if err == nil {
+		g.last.Store(&reading{at: now, free: free, size: size})
+	}
+	return free, size, err
 }
 
 func statfs(dir string) (free, size uint64, err error) {
@@ -82,7 +113,7 @@ func (g *Guard) Reserve(size uint64) uint64 {
 // the store to be broken (so sessions are refused at once instead of
 // waiting for a publish that will not be answered).
 func (g *Guard) Check(need int64) error {
-	free, size, err := g.Statfs(g.dir)
+	free, size, err := g.space()
 	if err != nil {
 		// Not knowing is no reason to refuse mail; the store will say.
 		g.log.Warn("cannot check free disk space", "err", err)

@@ -46,6 +46,46 @@ func TestCheck(t *testing.T) {
 	}
 }
 
+// Check reuses a reading for MaxAge and no longer; a failed reading is
+// not reused.
+func TestCheckReusesReading(t *testing.T) {
+	g := New("/data", 10, nil)
+	start := time.Unix(1_700_000_000, 0)
+	now := start
+	g.Now = func() time.Time { return now }
+	var calls int
+	free, statErr := uint64(100), error(nil)
+	g.Statfs = func(string) (uint64, uint64, error) { calls++; return free, 1 << 30, statErr }
+	steps := []struct {
+		at        time.Duration
+		free      uint64
+		statErr   error
+		wantCalls int
+		wantFull  bool
+	}{
+		{0, 100, nil, 1, false},
+		{50 * time.Millisecond, 5, nil, 1, false},       // reused: the disk filled in between
+		{99 * time.Millisecond, 5, nil, 1, false},       // still within MaxAge
+		{100 * time.Millisecond, 5, nil, 2, true},       // read again
+		{150 * time.Millisecond, 100, nil, 2, true},     // reused: full until the next reading
+		{200 * time.Millisecond, 100, errEIO, 3, false}, // failed: not kept, mail accepted
+		{201 * time.Millisecond, 5, nil, 4, true},       // asked again at once
+		{100 * time.Millisecond, 100, nil, 5, false},    // the clock went back: read again
+	}
+	for i, st := range steps {
+		now, free, statErr = start.Add(st.at), st.free, st.statErr
+		err := g.Check(0)
+		if calls != st.wantCalls {
+			t.Fatalf("step %d: %d statfs calls, want %d", i, calls, st.wantCalls)
+		}
+		if full := errors.Is(err, envelope.ErrStorageFull); full != st.wantFull {
+			t.Fatalf("step %d: Check = %v, want full %v", i, err, st.wantFull)
+		}
+	}
+}
+
+var errEIO = errors.New("EIO")
+
 // fakeJS is a store that stays broken until restarted.
 type fakeJS struct {
 	broken   atomic.Pointer[error]
@@ -64,6 +104,7 @@ func (f *fakeJS) Restart() error { f.broken.Store(nil); f.restarts <- struct{}{}
 // and restarted only when the disk has room again.
 func TestWatchRestartsWhenThereIsRoom(t *testing.T) {
 	g := New("/data", 10, nil)
+	g.MaxAge = 0 // the free space changes under the test; see TestCheckReusesReading
 	var free atomic.Uint64
 	free.Store(5) // full
 	g.Statfs = func(string) (uint64, uint64, error) { return free.Load(), 1 << 30, nil }
