@@ -89,7 +89,6 @@ func newLogger(cfg *config.Config) *slog.Logger {
 // drain after its deliveries, and only then close the store.
 func serve(ctx context.Context, cfg *config.Config) error {
 	log := newLogger(cfg)
-	tuneGC(log, os.Getenv, "/sys/fs/cgroup/memory.max")
 
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data directory: %w", err)
