@@ -137,6 +137,9 @@ mkdir -p "$BIN"
 	go build -o "$BIN/smtpload" ./bench/smtpload
 	go build -o "$BIN/sink" ./bench/sink
 )
+# The build left ~100 MiB of dirty pages; written back during the first
+# cells, they would slow whichever server fsyncs then.
+sync
 
 # --- ports and processes ---------------------------------------------------
 
