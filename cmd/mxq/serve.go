@@ -89,6 +89,7 @@ func newLogger(cfg *config.Config) *slog.Logger {
 // drain after its deliveries, and only then close the store.
 func serve(ctx context.Context, cfg *config.Config) error {
 	log := newLogger(cfg)
+	procs := raiseProcs(os.Getenv)
 
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data directory: %w", err)
@@ -341,7 +342,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- rl.Serve(ln) }()
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
-		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability)
+		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", procs)
 
 	var runErr error
 	select {
