@@ -329,7 +329,7 @@ func Defaults() map[string]any {
 		"queue.group_commit.max_messages": 256,
 		"queue.group_commit.max_bytes":    "8MiB",
 		"queue.group_commit.committers":   1,
-		"queue.group_commit.max_linger":   "1ms",
+		"queue.group_commit.max_linger":   "500us",
 		"queue.chunk_size":                "4MiB",
 		"queue.batch_staging":             "auto",
 		"queue.timeout":                   "10s",
