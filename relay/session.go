@@ -216,8 +216,7 @@ func (s *session) Data(r io.Reader) error {
 		Helo:       sanitize(s.helo, 255),
 		UTF8:       s.utf8,
 	}
-	_, tls := s.conn.TLSConnectionState()
-	received := received(env, s.srv.o.Hostname, tls, now)
+	received := received(env, s.srv.o.Hostname, s.tls(), now)
 	body := &deadlineReader{r: r, conn: s.conn.Conn(), timeout: o.DataTimeout, minRate: o.MinDataRate}
 	msg := io.MultiReader(strings.NewReader(received), body)
 
@@ -232,8 +231,8 @@ func (s *session) Data(r io.Reader) error {
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + env.ID}
 }
 
-// dataFailed is the reply to a message that was not queued. (Apart from
-// Data, whose frame every session's stack must hold at its deepest read.)
+// dataFailed is the reply to a message that was not queued. It is kept out
+// of Data, whose frame every session's stack holds at its deepest read.
 func (s *session) dataFailed(err error, body *deadlineReader) error {
 	o := &s.srv.o
 	m := o.Metrics

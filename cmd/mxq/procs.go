@@ -6,8 +6,10 @@ import "runtime"
 //
 // Go's default is one P per core (or the container's CPU limit). mxq on
 // two cores accepted 8 to 12 % more mail at 32 sessions with 8 Ps than
-// with 2 (interleaved A/B runs, 5 of 5 and 4 of 6 rounds faster; equal at
-// 1 and 128 sessions; the no-storage server gains ~3 %). What mxq has and
+// with 2 (interleaved A/B runs, 5 of 5 and 4 of 6 rounds faster; at 1
+// session one run 8 % slower and another equal, at 128 equal; with
+// smtp-source as the client no difference showed; the no-storage server
+// gains ~3 %). What mxq has and
 // a plain SMTP server has not is a chain of goroutines on each group
 // commit (committer, the embedded server's parser and stream loop, the
 // ack) that the sessions wait on, and blocking file writes and fsyncs in

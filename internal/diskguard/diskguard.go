@@ -6,11 +6,11 @@
 // free (statfs, a few microseconds; a reading is reused for MaxAge, so a
 // busy relay asks the kernel a few times a second, not twice per message:
 // the reserve is far larger than what arrives in that time). Below the
-// reserve mail is refused with
-// 452 4.3.1, and the senders keep it. The reserve is room for what is
-// already in flight (sessions streaming their messages in) and for the
-// drain, whose deletes and retry rewrites also write to the stream: a
-// queue that can no longer delete cannot drain, and would stay full.
+// reserve mail is refused with 452 4.3.1, and the senders keep it. The
+// reserve is room for what is already in flight (sessions streaming their
+// messages in) and for the drain, whose deletes and retry rewrites also
+// write to the stream: a queue that can no longer delete cannot drain, and
+// would stay full.
 //
 // Cure: nats-server v2.15.2 does not recover from ENOSPC on its own. A
 // write that fails with "no space left on device" leaves a sticky write
