@@ -15,6 +15,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/mxq-dev/mxq/internal/diskguard"
 	"github.com/mxq-dev/mxq/internal/testbackend"
 )
 
@@ -179,10 +180,10 @@ func TestFullDisk(t *testing.T) {
 
 			// The disk fills up (something else writes to it).
 			filler := fill(t, dir, 0)
-			// The guard reuses a free-space reading for 100 ms (a mail
+			// The guard reuses a free-space reading for a while (a mail
 			// accepted within that time reaches the full store and gets
 			// 451, the enospc case below); after that it must refuse first.
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(2 * diskguard.DefaultMaxAge)
 			var refusal error
 			deadline := time.Now().Add(60 * time.Second)
 			for refusal == nil && time.Now().Before(deadline) {

@@ -48,8 +48,8 @@ type Guard struct {
 	// Statfs returns the bytes available to an unprivileged writer in
 	// dir's file system and the file system's size; tests replace it.
 	Statfs func(dir string) (free, size uint64, err error)
-	// MaxAge is how long Check reuses a reading (New sets 100ms; 0 asks
-	// every time). Now is the clock it is measured with.
+	// MaxAge is how long Check reuses a reading (New sets DefaultMaxAge;
+	// 0 asks every time). Now is the clock it is measured with.
 	MaxAge time.Duration
 	Now    func() time.Time
 
@@ -58,6 +58,10 @@ type Guard struct {
 	broken atomic.Pointer[string]
 }
 
+// DefaultMaxAge is how long Check reuses a free-space reading (see the
+// package comment).
+const DefaultMaxAge = 100 * time.Millisecond
+
 // New guards dir with reserve bytes, or a tenth of the file system if that
 // is less (a small volume would otherwise refuse all mail); reserve 0
 // checks only that the message itself fits.
@@ -65,7 +69,7 @@ func New(dir string, reserve uint64, log *slog.Logger) *Guard {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Guard{dir: dir, reserve: reserve, log: log, Statfs: statfs, MaxAge: 100 * time.Millisecond, Now: time.Now}
+	return &Guard{dir: dir, reserve: reserve, log: log, Statfs: statfs, MaxAge: DefaultMaxAge, Now: time.Now}
 }
 
 // reading is one statfs result and when it was taken.
