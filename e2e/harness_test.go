@@ -10,11 +10,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -56,15 +58,34 @@ func need(t *testing.T, progs ...string) {
 	}
 }
 
-// freePort returns a loopback address that was free a moment ago.
+// handedOut holds the ports freePort has returned in this process.
+var handedOut sync.Map
+
+// freePort returns a loopback address that was free a moment ago. The port
+// is below the kernel's ephemeral range: a port from "127.0.0.1:0", freed
+// again, is the next thing the kernel hands to any other ":0" listener (mxq's
+// single-node raft, a test backend) or outgoing connection, and a test once
+// lost its continuity IMAP port to raft that way. No port is returned twice.
 func freePort(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &low)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	for i := 0; i < 1000; i++ {
+		port := 10000 + rand.IntN(max(low-10000, 1))
+		if _, dup := handedOut.LoadOrStore(port, true); dup {
+			continue
+		}
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return ln.Addr().String()
+	}
+	t.Fatal("no free loopback port below the ephemeral range")
+	return ""
 }
 
 // mxqProc is an mxq serve process.
