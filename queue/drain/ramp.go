@@ -43,6 +43,13 @@ type RampConfig struct {
 	// not held back by that; one that stops keeping up is.
 	SaturationShare float64
 	MinSample       int
+	// SlowTicks is how many ticks in a row must look slow (saturated, or
+	// over LatencyTarget) before the limits shrink. One tick is a quarter
+	// of a second: a GC pause or a moment without CPU on mxq's own host
+	// can halve one tick's throughput without the store being any slower,
+	// and shrinking from that throughput cut the rate by a third for
+	// seconds. Overload replies are the store's own word and act at once.
+	SlowTicks int
 	// LatencyTarget is an absolute bound: a tick's median delivery time
 	// above it means the store is struggling, whatever its throughput.
 	LatencyTarget time.Duration
@@ -67,6 +74,7 @@ func DefaultRamp(maxRate float64, maxConcurrency int) RampConfig {
 		LatencyBackoff:   0.9,
 		SaturationShare:  0.8,
 		MinSample:        10,
+		SlowTicks:        2,
 		LatencyTarget:    time.Second,
 		OpenShare:        0.5,
 		OpenMin:          10,
@@ -122,6 +130,8 @@ type ramp struct {
 	holdUntil time.Time
 	// lastThroughput is the deliveries per second of the last tick.
 	lastThroughput float64
+	// slowRun counts the slow ticks in a row (see SlowTicks).
+	slowRun int
 }
 
 func newRamp(cfg RampConfig, now time.Time) *ramp {
@@ -137,6 +147,7 @@ func (r *ramp) reset(now time.Time) {
 		Phase: PhaseSlowStart, SSThresh: r.cfg.MaxRate, Updated: now,
 	}
 	r.medians = [40]time.Duration{}
+	r.slowRun = 0
 	r.clearTick()
 }
 
@@ -216,6 +227,15 @@ func (r *ramp) tick(now time.Time, d Demand, throughput float64) verdict {
 	saturated := r.n >= r.cfg.MinSample && d.Slots && r.st.Concurrency >= r.needed() &&
 		throughput < r.cfg.SaturationShare*r.st.Rate
 	slow := median > r.cfg.LatencyTarget || saturated
+	if slow {
+		r.slowRun++
+	} else {
+		r.slowRun = 0
+	}
+	if slow && r.over == 0 && r.slowRun < max(r.cfg.SlowTicks, 1) {
+		// Not yet a trend: neither grow nor shrink.
+		return verdictHold
+	}
 	switch {
 	case r.over > 0 || slow:
 		if now.Before(r.holdUntil) {
@@ -260,7 +280,16 @@ func (r *ramp) shrink(now time.Time, f, throughput float64) {
 		base = throughput
 	}
 	r.st.Rate = base * f
-	r.st.Concurrency = int(math.Floor(float64(r.st.Concurrency) * f))
+	conc := int(math.Floor(float64(r.st.Concurrency) * f))
+	if f == r.cfg.LatencyBackoff {
+		// The store got slower, it did not refuse connections: keep the
+		// connections the lower rate needs by Little's law. Flooring 3 × 0.9
+		// to 2 left the drain short of slots whenever its own latency
+		// wobbled, which read as saturation again.
+		conc = min(r.st.Concurrency, max(conc, r.neededAt(r.st.Rate)))
+	}
+	r.st.Concurrency = conc
+	r.slowRun = 0
 	r.st.SSThresh = r.st.Rate
 	r.st.Phase = PhaseSteady
 	// Deliveries already under way at the old limits will report too;
@@ -287,7 +316,10 @@ func (r *ramp) overloaded(now time.Time) bool {
 // connections than that cannot raise throughput: they only queue more work
 // inside a store that is already slowing down, so slot waits beyond it do
 // not grow the concurrency.
-func (r *ramp) needed() int {
+func (r *ramp) needed() int { return r.neededAt(r.st.Rate) }
+
+// neededAt is needed for an allowed rate of rate.
+func (r *ramp) neededAt(rate float64) int {
 	lat := r.st.Baseline
 	if lat <= 0 {
 		lat = r.st.Latency
@@ -295,7 +327,7 @@ func (r *ramp) needed() int {
 	if lat <= 0 {
 		return r.st.Concurrency + 1 // nothing measured yet
 	}
-	return int(math.Ceil(r.st.Rate*lat.Seconds()*2)) + 1
+	return int(math.Ceil(rate*lat.Seconds()*2)) + 1
 }
 
 func (r *ramp) clamp() {

@@ -78,37 +78,101 @@ func TestRampSlowSignals(t *testing.T) {
 		}
 		return out
 	}
+	// Each case is two ticks alike: a slow signal is acted on only when
+	// it lasts (SlowTicks = 2), so a hiccup of one tick costs nothing.
 	cases := []struct {
-		name       string
-		lats       []time.Duration
-		demand     Demand
-		conc       int
-		throughput float64 // against an allowance of 100/s
-		want       verdict
+		name        string
+		lats        []time.Duration
+		demand      Demand
+		conc        int
+		throughput  float64 // against an allowance of 100/s
+		first, then verdict
 	}{
-		{"keeping up", lat(2*time.Millisecond, 20), Demand{Rate: true}, 1, 100, verdictGrow},
-		{"slower but keeping up (a disk-bound store)", lat(20*time.Millisecond, 20), Demand{Slots: true, Rate: true}, 4, 95, verdictGrow},
-		{"saturated: every needed slot busy, 60% through", lat(30*time.Millisecond, 20), Demand{Slots: true}, 4, 60, verdictShrink},
-		{"short of slots, not saturated: grow them", lat(30*time.Millisecond, 20), Demand{Slots: true}, 1, 60, verdictGrow},
-		{"too few deliveries to judge", lat(30*time.Millisecond, 3), Demand{Slots: true}, 4, 60, verdictGrow},
-		{"over the absolute target", lat(2*time.Second, 20), Demand{Rate: true}, 1, 100, verdictShrink},
+		{"keeping up", lat(2*time.Millisecond, 20), Demand{Rate: true}, 1, 100, verdictGrow, verdictGrow},
+		{"slower but keeping up (a disk-bound store)", lat(20*time.Millisecond, 20), Demand{Slots: true, Rate: true}, 4, 95, verdictGrow, verdictGrow},
+		{"saturated: every needed slot busy, 60% through", lat(30*time.Millisecond, 20), Demand{Slots: true}, 4, 60, verdictHold, verdictShrink},
+		{"short of slots, not saturated: grow them", lat(30*time.Millisecond, 20), Demand{Slots: true}, 1, 60, verdictGrow, verdictGrow},
+		{"too few deliveries to judge", lat(30*time.Millisecond, 3), Demand{Slots: true}, 4, 60, verdictGrow, verdictGrow},
+		{"over the absolute target", lat(2*time.Second, 20), Demand{Rate: true}, 1, 100, verdictHold, verdictShrink},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRamp(cfg, t0)
-			// An unloaded baseline of 1 ms, then the tick under test, at 100/s.
+			// An unloaded baseline of 1 ms, then the ticks under test, at 100/s.
 			for i := 0; i < 20; i++ {
 				r.observe(Outcome{Latency: time.Millisecond, Results: 1})
 			}
 			now := t0.Add(cfg.Tick)
 			r.tick(now, Demand{}, 100)
-			r.st.Rate, r.st.Phase, r.st.Concurrency = 100, PhaseSteady, tc.conc
-			for _, l := range tc.lats {
-				r.observe(Outcome{Latency: l, Results: 1})
+			for i, want := range []verdict{tc.first, tc.then} {
+				r.st.Rate, r.st.Phase, r.st.Concurrency = 100, PhaseSteady, tc.conc
+				for _, l := range tc.lats {
+					r.observe(Outcome{Latency: l, Results: 1})
+				}
+				now = now.Add(cfg.Tick)
+				if v := r.tick(now, tc.demand, tc.throughput); v != want {
+					t.Fatalf("tick %d: verdict %d, want %d (needed %d connections)", i+1, v, want, r.needed())
+				}
 			}
-			now = now.Add(cfg.Tick)
-			if v := r.tick(now, tc.demand, tc.throughput); v != tc.want {
-				t.Fatalf("verdict %d, want %d (needed %d connections)", v, tc.want, r.needed())
+		})
+	}
+}
+
+// A slow tick between healthy ones is a hiccup (GC, a busy CPU on mxq's
+// host): the limits stay. Two in a row are a trend.
+func TestRampIgnoresOneSlowTick(t *testing.T) {
+	cfg := DefaultRamp(1000, 16)
+	r := newRamp(cfg, t0)
+	now := t0
+	tick := func(l time.Duration, d Demand, tp float64) verdict {
+		for i := 0; i < 20; i++ {
+			r.observe(Outcome{Latency: l, Results: 1})
+		}
+		now = now.Add(cfg.Tick)
+		return r.tick(now, d, tp)
+	}
+	tick(time.Millisecond, Demand{}, 100)
+	r.st.Rate, r.st.Phase, r.st.Concurrency = 100, PhaseSteady, 4
+	for i, step := range []struct {
+		slow bool
+		want verdict
+	}{{true, verdictHold}, {false, verdictGrow}, {true, verdictHold}, {false, verdictGrow}, {true, verdictHold}, {true, verdictShrink}} {
+		v := verdictHold
+		if step.slow {
+			v = tick(30*time.Millisecond, Demand{Slots: true}, 0.5*r.st.Rate)
+		} else {
+			v = tick(time.Millisecond, Demand{Rate: true}, r.st.Rate)
+		}
+		if v != step.want {
+			t.Fatalf("tick %d (slow %v): verdict %d, want %d", i+1, step.slow, v, step.want)
+		}
+	}
+}
+
+// Backing off for slowness keeps the connections the new rate needs by
+// Little's law; backing off for an overload reply cuts them too.
+func TestRampShrinkKeepsNeededConnections(t *testing.T) {
+	cfg := DefaultRamp(1000, 16)
+	for _, tc := range []struct {
+		name     string
+		overload bool
+		want     int
+	}{
+		// 3 connections at 500/s and a 1.25 ms baseline: the lower rate
+		// (0.9 × 500) still needs ⌈450 × 2.5 ms⌉ + 1 = 3.
+		{"slower", false, 3},
+		{"overload reply", true, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRamp(cfg, t0)
+			r.st.Rate, r.st.Phase, r.st.Concurrency, r.st.Baseline = 500, PhaseSteady, 3, 1250*time.Microsecond
+			f := cfg.LatencyBackoff
+			if tc.overload {
+				f = cfg.Backoff
+			}
+			r.shrink(t0, f, 500)
+			if r.st.Concurrency != tc.want {
+				t.Fatalf("concurrency %d after backing off from 3, want %d", r.st.Concurrency, tc.want)
 			}
 		})
 	}

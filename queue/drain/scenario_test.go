@@ -3,6 +3,7 @@ package drain
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"sync"
@@ -59,6 +60,15 @@ func backlog(t testing.TB, st *queue.Store, n int) map[string]bool {
 	return want
 }
 
+// scenarioLogger shows the drain's log (every change of pace and why) when
+// MXQ_SCENARIO_SERIES is set, to see what a slow run was doing.
+func scenarioLogger() *slog.Logger {
+	if os.Getenv("MXQ_SCENARIO_SERIES") == "" {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, nil))
+}
+
 type scenario struct {
 	name     string
 	messages int
@@ -107,6 +117,7 @@ func runScenario(t testing.TB, sc scenario) result {
 		MaxLifetime:   time.Hour,
 		ProbeInterval: 200 * time.Millisecond,
 		PollInterval:  50 * time.Millisecond,
+		Logger:        scenarioLogger(),
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	drained := make(chan struct{})
