@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"syscall"
 	"time"
@@ -89,7 +90,6 @@ func newLogger(cfg *config.Config) *slog.Logger {
 // drain after its deliveries, and only then close the store.
 func serve(ctx context.Context, cfg *config.Config) error {
 	log := newLogger(cfg)
-	procs := raiseProcs(os.Getenv)
 
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data directory: %w", err)
@@ -342,7 +342,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- rl.Serve(ln) }()
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
-		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", procs)
+		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0))
 
 	var runErr error
 	select {
