@@ -94,6 +94,17 @@ func TestQuick(t *testing.T) {
 		}
 	}
 
+	src := table(t, report, "## Acceptance rate with smtp-source")
+	if len(src) != 1 || len(src[0]) != 8 || src[0][0] != "10 KiB" || src[0][1] != "32" {
+		t.Errorf("smtp-source table = %q, want one row for 10 KiB at 32 sessions", src)
+	} else {
+		for _, cell := range src[0][2:7] {
+			if number(cell) <= 0 {
+				t.Errorf("smtp-source row %q: %q is not a positive number", src[0], cell)
+			}
+		}
+	}
+
 	lat := table(t, report, "## Latency")
 	for i, s := range servers {
 		if i >= len(lat) || lat[i][0] != s || number(lat[i][1]) <= 0 || number(lat[i][3]) <= 0 {
