@@ -242,11 +242,7 @@ func (r *ramp) tick(now time.Time, d Demand, throughput float64) verdict {
 			// Signals from deliveries sent before the last decrease.
 			return verdictHold
 		}
-		f := r.cfg.LatencyBackoff
-		if r.over > 0 {
-			f = r.cfg.Backoff
-		}
-		r.shrink(now, f, throughput)
+		r.shrink(now, r.over > 0, throughput)
 		return verdictShrink
 	case (d.Rate || d.Slots) && !now.Before(r.holdUntil):
 		if r.st.Phase == PhaseSlowStart && r.st.Rate < r.st.SSThresh {
@@ -272,16 +268,22 @@ func (r *ramp) tick(now time.Time, d Demand, throughput float64) verdict {
 	return verdictHold
 }
 
-// shrink backs off by factor f, from throughput when it is below the
-// allowance (an allowance that was never used is no measure of anything).
-func (r *ramp) shrink(now time.Time, f, throughput float64) {
+// shrink backs off, by Backoff after an overload reply and by
+// LatencyBackoff when the store only got slower, from throughput when it is
+// below the allowance (an allowance that was never used is no measure of
+// anything).
+func (r *ramp) shrink(now time.Time, overload bool, throughput float64) {
+	f := r.cfg.LatencyBackoff
+	if overload {
+		f = r.cfg.Backoff
+	}
 	base := r.st.Rate
 	if throughput > 0 && throughput < base {
 		base = throughput
 	}
 	r.st.Rate = base * f
 	conc := int(math.Floor(float64(r.st.Concurrency) * f))
-	if f == r.cfg.LatencyBackoff {
+	if !overload {
 		// The store got slower, it did not refuse connections: keep the
 		// connections the lower rate needs by Little's law. Flooring 3 × 0.9
 		// to 2 left the drain short of slots whenever its own latency
@@ -307,7 +309,7 @@ func (r *ramp) overloaded(now time.Time) bool {
 	if now.Before(r.holdUntil) {
 		return false
 	}
-	r.shrink(now, r.cfg.Backoff, r.lastThroughput)
+	r.shrink(now, true, r.lastThroughput)
 	return true
 }
 

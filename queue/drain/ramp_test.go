@@ -137,7 +137,7 @@ func TestRampIgnoresOneSlowTick(t *testing.T) {
 		slow bool
 		want verdict
 	}{{true, verdictHold}, {false, verdictGrow}, {true, verdictHold}, {false, verdictGrow}, {true, verdictHold}, {true, verdictShrink}} {
-		v := verdictHold
+		var v verdict
 		if step.slow {
 			v = tick(30*time.Millisecond, Demand{Slots: true}, 0.5*r.st.Rate)
 		} else {
@@ -166,11 +166,7 @@ func TestRampShrinkKeepsNeededConnections(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRamp(cfg, t0)
 			r.st.Rate, r.st.Phase, r.st.Concurrency, r.st.Baseline = 500, PhaseSteady, 3, 1250*time.Microsecond
-			f := cfg.LatencyBackoff
-			if tc.overload {
-				f = cfg.Backoff
-			}
-			r.shrink(t0, f, 500)
+			r.shrink(t0, tc.overload, 500)
 			if r.st.Concurrency != tc.want {
 				t.Fatalf("concurrency %d after backing off from 3, want %d", r.st.Concurrency, tc.want)
 			}
