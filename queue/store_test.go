@@ -18,6 +18,13 @@ import (
 // newTestStore starts an embedded JetStream in a temporary directory.
 func newTestStore(t testing.TB, mod func(*Options)) *Store {
 	t.Helper()
+	s, _ := newTestStoreEmb(t, mod)
+	return s
+}
+
+// newTestStoreEmb is newTestStore that also returns the server.
+func newTestStoreEmb(t testing.TB, mod func(*Options)) (*Store, *Embedded) {
+	t.Helper()
 	ctx := context.Background()
 	emb, err := StartEmbedded(ctx, EmbeddedOptions{ServerName: "t", StoreDir: t.TempDir(), MaxPayload: 8 << 20, SyncAlways: true})
 	if err != nil {
@@ -47,7 +54,7 @@ func newTestStore(t testing.TB, mod func(*Options)) *Store {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	return s
+	return s, emb
 }
 
 var testIDs = envelope.NewIDGen(time.Now, 7)

@@ -30,6 +30,12 @@ func (s *Store) subjectOf(k Kind) string {
 // ErrStop ends a Walk early without an error.
 var ErrStop = errors.New("stop walking")
 
+// ErrIncomplete reports a Walk that could not reach the end of the records
+// it was asked for: the server stopped answering, or answered too slowly.
+// It is never returned as a silent short walk, because callers delete or
+// purge on the strength of what a walk did not find.
+var ErrIncomplete = errors.New("walk of the queue incomplete")
+
 // Walk calls fn for each record of kind k from sequence from on, in
 // sequence order, reading headers only: the envelopes travel, the message
 // bodies stay on disk. That is what makes listing and filtering a queue of
@@ -38,6 +44,14 @@ var ErrStop = errors.New("stop walking")
 // Walk stops at the end of the stream as it was when it started, or when fn
 // returns an error (ErrStop for a clean stop). It returns the sequence to
 // start from to continue.
+//
+// The end is known, never guessed: a fetch that brings nothing is not
+// taken for the end of the records (a slow server, or a reply that arrived
+// after the client stopped waiting, looks exactly like that); the stream
+// leader is asked whether any matching record remains up to the end, and
+// only its "none" ends the walk. While it says there are more, the walk
+// waits longer for each fetch; if it makes no progress for
+// walkStallLimit × the store's timeout, it fails with ErrIncomplete.
 func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) error) (next uint64, err error) {
 	if from == 0 {
 		from = 1
@@ -50,8 +64,9 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 	if from > last {
 		return next, nil
 	}
+	subject := s.subjectOf(k)
 	cons, err := s.js.OrderedConsumer(ctx, s.o.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects:    []string{s.subjectOf(k)},
+		FilterSubjects:    []string{subject},
 		DeliverPolicy:     jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:       from,
 		HeadersOnly:       true,
@@ -60,11 +75,16 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 	if err != nil {
 		return next, fmt.Errorf("walking the queue: %w", err)
 	}
+	wait := walkFirstWait
+	progress := time.Now()
 	for {
 		if err := ctx.Err(); err != nil {
 			return next, err
 		}
-		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(500*time.Millisecond))
+		// Each fetch of an ordered consumer starts after the last record
+		// it delivered, so records whose delivery was lost to a short
+		// wait are fetched again, never skipped.
+		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(wait))
 		if err != nil {
 			return next, fmt.Errorf("walking the queue: %w", err)
 		}
@@ -96,10 +116,43 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && !errors.Is(err, context.DeadlineExceeded) {
 			return next, fmt.Errorf("walking the queue: %w", err)
 		}
-		if n == 0 {
+		if n > 0 {
+			progress = time.Now()
+			continue
+		}
+		// Nothing came. The end, or a server slower than the wait?
+		more, err := s.remains(ctx, subject, next, last)
+		if err != nil {
+			return next, fmt.Errorf("walking the queue: %w", err)
+		}
+		if !more {
 			return next, nil
 		}
+		if time.Since(progress) > walkStallLimit*s.o.Timeout {
+			return next, fmt.Errorf("%w: no record arrived for %s at sequence %d, though the stream holds more up to %d",
+				ErrIncomplete, time.Since(progress).Round(time.Second), next, last)
+		}
+		wait = min(2*wait, s.o.Timeout)
 	}
+}
+
+// How long Walk's first fetch waits, and how many store timeouts without a
+// record it tolerates while the leader says more remain.
+const (
+	walkFirstWait  = 500 * time.Millisecond
+	walkStallLimit = 3
+)
+
+// remains asks the stream leader whether a record on subject (a filter,
+// wildcards allowed) is stored at a sequence in [from, last].
+func (s *Store) remains(ctx context.Context, subject string, from, last uint64) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
+	defer cancel()
+	m, err := s.leaderNext(ctx, subject, from)
+	if err != nil {
+		return false, err
+	}
+	return m != nil && m.Sequence <= last, nil
 }
 
 // Filter selects records for listing and bulk actions. Empty fields match
