@@ -383,20 +383,27 @@ type writer struct {
 }
 
 // publishAll stores msgs together: one publish for one message, an atomic
-// batch for more.
+// batch for more. Each attempt has its own deadline (the store's timeout):
+// an attempt whose reply did not come in time may still have been stored,
+// and only another attempt, deduplicated by the server, can tell the
+// caller it was, instead of a 451 for mail that is safe.
 func (w *writer) publishAll(ctx context.Context, msgs []*nats.Msg) error {
-	ctx, cancel := context.WithTimeout(ctx, w.timeout)
-	defer cancel()
 	if len(msgs) == 1 {
 		return w.publishOne(ctx, msgs[0])
 	}
 	return w.publishBatch(ctx, msgs)
 }
 
+// publishAttempts is how often a write is tried when its outcome is
+// unknown or the condition passing.
+const publishAttempts = 3
+
 func (w *writer) publishOne(ctx context.Context, m *nats.Msg) error {
 	var lastErr error
-	for attempt := 0; attempt < 3; attempt++ {
-		_, err := w.js.PublishMsg(ctx, m)
+	for attempt := 0; attempt < publishAttempts; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, w.timeout)
+		_, err := w.js.PublishMsg(actx, m)
+		cancel()
 		if err == nil {
 			// A duplicate ack means an earlier attempt was stored.
 			return nil
@@ -423,15 +430,24 @@ type batchAck struct {
 // batch ID with the same message IDs: if the first one was stored, the
 // server refuses the second as containing duplicates, which tells us the
 // messages are safe.
+//
+// That holds for a first attempt too: the caller may itself be retrying a
+// write whose reply it never got (the drain records a delivery's outcome
+// until it sticks). Every batch mxq writes consists of messages whose IDs
+// are unique to that write (a queue ID and part for mail, the replaced
+// record's sequence for a rewrite), so a duplicate means this very batch
+// was stored before, whole: batches are atomic.
 func (w *writer) publishBatch(ctx context.Context, msgs []*nats.Msg) error {
 	var lastErr error
-	for attempt := 0; attempt < 3; attempt++ {
-		err := w.sendBatch(ctx, msgs)
+	for attempt := 0; attempt < publishAttempts; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, w.timeout)
+		err := w.sendBatch(actx, msgs)
+		cancel()
 		if err == nil {
 			return nil
 		}
 		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeBatchDuplicate && attempt > 0 {
+		if errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeBatchDuplicate {
 			return nil
 		}
 		lastErr = err

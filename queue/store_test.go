@@ -420,3 +420,37 @@ func TestWalkFindAndFilters(t *testing.T) {
 		}
 	}
 }
+
+// A rewrite retried after its batch was stored (its reply lost) succeeds:
+// the server's "contains duplicate" means the batch is there. Before the
+// fix a first attempt that met it failed, and the drain's retries of the
+// outcome failed the same way for good.
+func TestRewriteRetriedAfterStored(t *testing.T) {
+	s := newTestStore(t, nil)
+	ctx := context.Background()
+	if err := s.Enqueue(ctx, testEnv("a@example.test", "b@example.test"), strings.NewReader("Subject: x\r\n\r\nhi")); err != nil {
+		t.Fatal(err)
+	}
+	recs := readAll(t, s, "store")
+	if len(recs) != 1 {
+		t.Fatalf("%d records", len(recs))
+	}
+	r := recs[0]
+	a, b := r.Env.Clone(), r.Env.Clone()
+	a.To, b.To = a.To[:1], b.To[1:]
+	b.NextAttempt = time.Now().Add(time.Hour)
+	outs := []Output{{Env: a}, {Env: b, Dead: true}}
+	if err := s.Rewrite(ctx, r, outs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Rewrite(ctx, r, outs); err != nil {
+		t.Fatalf("retried rewrite: %v", err)
+	}
+	if got := readAll(t, s, "store"); len(got) != 1 || got[0].Seq == r.Seq {
+		t.Fatalf("queued after the retried rewrite: %d records", len(got))
+	}
+	dead, _, err := s.ReadFrom(ctx, s.DeadSubject("store"), 1, 10, 0)
+	if err != nil || len(dead) != 1 {
+		t.Fatalf("dead letters after the retried rewrite: %d, %v", len(dead), err)
+	}
+}

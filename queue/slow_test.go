@@ -1,5 +1,9 @@
 package queue
 
+// Tests against a server that answers late: the walk, orphan collection
+// and the write path must never take a late answer for the end of the
+// data or for a failed write.
+
 import (
 	"bytes"
 	"context"
@@ -8,6 +12,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,25 +24,25 @@ import (
 // (or a network) that answers correctly, only late.
 type slowConn struct {
 	net.Conn
-	delay time.Duration
+	delay *atomic.Int64 // nanoseconds, read as each chunk arrives
 	ch    chan timedChunk
 	cur   []byte
 	err   error
 }
 
 type timedChunk struct {
-	at   time.Time
+	due  time.Time
 	data []byte
 	err  error
 }
 
-func newSlowConn(c net.Conn, delay time.Duration) *slowConn {
+func newSlowConn(c net.Conn, delay *atomic.Int64) *slowConn {
 	s := &slowConn{Conn: c, delay: delay, ch: make(chan timedChunk, 4096)}
 	go func() {
 		for {
 			b := make([]byte, 32<<10)
 			n, err := c.Read(b)
-			s.ch <- timedChunk{time.Now(), b[:n], err}
+			s.ch <- timedChunk{time.Now().Add(time.Duration(delay.Load())), b[:n], err}
 			if err != nil {
 				close(s.ch)
 				return
@@ -56,7 +61,7 @@ func (s *slowConn) Read(p []byte) (int, error) {
 		if !ok {
 			return 0, io.EOF
 		}
-		time.Sleep(time.Until(c.at.Add(s.delay)))
+		time.Sleep(time.Until(c.due))
 		s.cur, s.err = c.data, c.err
 	}
 	n := copy(p, s.cur)
@@ -67,7 +72,7 @@ func (s *slowConn) Read(p []byte) (int, error) {
 // slowServer hands out in-process connections whose replies come late.
 type slowServer struct {
 	srv   *server.Server
-	delay time.Duration
+	delay *atomic.Int64
 }
 
 func (s slowServer) InProcessConn() (net.Conn, error) {
@@ -81,6 +86,14 @@ func (s slowServer) InProcessConn() (net.Conn, error) {
 // slowStore opens a second Store on s's stream over a connection whose
 // replies are delayed by delay.
 func slowStore(t *testing.T, s *Store, emb *Embedded, delay time.Duration, mod func(*Options)) *Store {
+	t.Helper()
+	d := new(atomic.Int64)
+	d.Store(int64(delay))
+	return slowStoreVar(t, s, emb, d, mod)
+}
+
+// slowStoreVar is slowStore with a delay the test can change.
+func slowStoreVar(t *testing.T, s *Store, emb *Embedded, delay *atomic.Int64, mod func(*Options)) *Store {
 	t.Helper()
 	var once sync.Once
 	nc, err := nats.Connect("", nats.InProcessServer(slowServer{emb.Server(), delay}), nats.Timeout(20*time.Second))
@@ -157,5 +170,46 @@ func TestCollectOrphansOverSlowServerKeepsQueuedChunks(t *testing.T) {
 	b, err := io.ReadAll(s.Body(ctx, recs[0]))
 	if err != nil || !bytes.Equal(b, msg) {
 		t.Fatalf("queued large message damaged after orphan collection over a slow server: %d bytes, %v", len(b), err)
+	}
+}
+
+// A write whose reply came after the attempt's deadline was stored; the
+// next attempt, with a deadline of its own, learns so from the server's
+// deduplication. Before the fix every attempt shared one deadline, the
+// retry failed at once, and the session got 451 for mail that was stored.
+func TestPublishRetryAfterLateReply(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow by design")
+	}
+	for _, tc := range []struct {
+		name string
+		to   []string // two routes: an atomic batch of two records
+	}{
+		{"one record", []string{"u@example.test"}},
+		{"batch of two records", []string{"u@example.test", "v@other.test"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, emb := newTestStoreEmb(t, nil)
+			ctx := context.Background()
+			delay := new(atomic.Int64)
+			slow := slowStoreVar(t, s, emb, delay, func(o *Options) {
+				o.Durability, o.Committers, o.Timeout = DurabilityGroup, 1, time.Second
+			})
+			// The first reply comes 1.5 s late (after the first attempt
+			// gave up at 1 s); later ones as soon as it is through.
+			delay.Store(int64(1500 * time.Millisecond))
+			go func() {
+				time.Sleep(500 * time.Millisecond)
+				delay.Store(0)
+			}()
+			err := slow.Enqueue(ctx, testEnv(tc.to...), bytes.NewReader([]byte("Subject: late\r\n\r\nhi")))
+			if err != nil {
+				t.Fatalf("enqueue answered %v for a message that was stored", err)
+			}
+			n := len(readAll(t, s, "store")) + len(readAll(t, s, "other"))
+			if n != len(tc.to) {
+				t.Fatalf("%d records stored, want %d (one per route, no duplicate)", n, len(tc.to))
+			}
+		})
 	}
 }
