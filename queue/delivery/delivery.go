@@ -8,7 +8,16 @@
 // recipient's retry schedule; a failure to talk to the store at all
 // (refused connection, timeout, 421, broken pipe) is returned as an error
 // wrapping ErrUnreachable and counts against nobody: it feeds the circuit
-// breaker instead.
+// breaker instead. A third kind is not about the store at all: when the
+// message cannot be read from the queue while it is being sent, the error
+// wraps ErrSource, and the transaction is abandoned by closing the
+// connection, so the store never takes a truncated message for a whole one.
+//
+// DeliverTimed also says where a delivery's time went (Timing): waiting on
+// the store, reading the message from the queue, or getting a connection.
+// Only the first is the store's speed; the others are mxq's own, and a
+// drain that paced itself on the total would slow down whenever mxq, not
+// the store, is the bottleneck.
 package delivery
 
 import (
@@ -34,6 +43,13 @@ var ErrUnreachable = errors.New("backend unreachable")
 // ErrBusy is also wrapped when the store said 421: it is up but refuses
 // work (too many connections, shutting down). The drain slows down.
 var ErrBusy = errors.New("backend busy")
+
+// ErrSource is wrapped, together with the reader's own error, when the
+// message body could not be read from the queue (a missing chunk record,
+// JetStream not answering). It is a problem of the queue, not of the store
+// nor of a recipient, so it wraps neither ErrUnreachable nor ErrBusy: a
+// damaged record must not open the circuit breaker.
+var ErrSource = errors.New("reading the message from the queue failed")
 
 // unreachable wraps err in ErrUnreachable, and in ErrBusy for a 421.
 func unreachable(stage string, err error) error {
@@ -95,7 +111,53 @@ type Options struct {
 	// MaxIdle is how many open connections are kept between deliveries.
 	MaxIdle     int
 	IdleTimeout time.Duration
-	Now         func() time.Time
+	// Now is the clock for idle connections and for Timing; nil is
+	// time.Now. Tests inject one that only moves when they say so, which
+	// makes Timing exact.
+	Now func() time.Time
+}
+
+// Timing is where the time of one delivery went. Its parts do not add up
+// to the delivery's duration: what is left is mxq's own bookkeeping and
+// scheduling, which belongs to none of them.
+type Timing struct {
+	// Store is the time spent waiting on the store: from sending each
+	// command (MAIL, each RCPT, DATA, the end of data; also the RSET after
+	// a refused transaction, and the QUIT of a connection the pool has no
+	// room for) to receiving its reply, plus the time spent writing the
+	// body to the connection, which is where a store that reads slowly
+	// shows. This is the part that measures the store's speed.
+	Store time.Duration
+	// Source is the time spent reading the body from the queue, inside
+	// the body's Read calls: for a large message, fetching its chunk
+	// records from JetStream.
+	Source time.Duration
+	// Connect is the time to get a connection: the dial, the greeting and
+	// LHLO/EHLO when a new one is opened, next to nothing when a pooled
+	// one is reused. It is kept apart from Store because it is paid per
+	// connection, not per delivery: in Store, it would make the store look
+	// slower whenever the pool opens a connection. Part of it is still the
+	// store's (a store at its connection limit is slow to greet), for the
+	// caller to weigh on its own.
+	Connect time.Duration
+}
+
+// stopwatch splits a delivery's time into laps, each starting where the
+// previous one ended. Where steps follow each other without a gap (the
+// reads and writes of the body), their laps cover all of the time, so no
+// moment of the copy escapes both Source and Store; elsewhere the lap
+// before a step is dropped, as mxq's own time.
+type stopwatch struct {
+	now  func() time.Time
+	last time.Time
+}
+
+// lap returns the time since the previous lap and starts a new one.
+func (s *stopwatch) lap() time.Duration {
+	t := s.now()
+	d := t.Sub(s.last)
+	s.last = t
+	return d
 }
 
 // Client delivers to one backend. It is safe for concurrent use; each
@@ -215,57 +277,98 @@ func (c *Client) Probe(ctx context.Context) error {
 
 // Deliver runs one transaction for env's recipients. It returns a Result
 // for every recipient in env.To, and an error wrapping ErrUnreachable if
-// the transaction could not be completed; recipients the store accepted
-// before that keep their 2xx result and must not be sent again.
+// the transaction could not be completed, or ErrSource if body could not
+// be read; recipients the store accepted before that keep their 2xx
+// result and must not be sent again. It is DeliverTimed without the
+// timing.
 func (c *Client) Deliver(ctx context.Context, env *envelope.Envelope, body io.Reader) ([]Result, error) {
+	results, _, err := c.DeliverTimed(ctx, env, body)
+	return results, err
+}
+
+// DeliverTimed is Deliver, and also reports where the delivery's time went,
+// on the clock of Options.Now. The Timing covers what was done, also when
+// an error is returned.
+//
+// When reading body fails (with anything but io.EOF) after DATA was
+// accepted, the connection is closed without the end-of-data mark: the
+// only way in either protocol to make the store drop what it received so
+// far. The error wraps ErrSource and the reader's error, and the
+// recipients not refused before DATA keep Code 0.
+func (c *Client) DeliverTimed(ctx context.Context, env *envelope.Envelope, body io.Reader) ([]Result, Timing, error) {
+	var tm Timing
+	sw := stopwatch{now: c.o.Now}
+	sw.lap()
 	results := make([]Result, len(env.To))
 	for i, r := range env.To {
 		results[i] = Result{Rcpt: r}
 	}
 	cn, err := c.get(ctx)
+	tm.Connect = sw.lap()
 	if err != nil {
-		return results, err
+		return results, tm, err
 	}
 	nc := cn.c
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
 
-	fail := func(stage string, err error) ([]Result, error) {
-		nc.Close()
+	// store runs one exchange with the store and charges its time to
+	// tm.Store; what mxq did since the previous lap is dropped.
+	store := func(f func() error) error {
+		sw.lap()
+		err := f()
+		tm.Store += sw.lap()
+		return err
+	}
+	unanswered := func(text string) {
 		for i := range results {
 			if results[i].Code == 0 {
-				results[i].Text = stage + ": " + err.Error()
+				results[i].Text = text
 			}
 		}
-		return results, unreachable(stage, err)
+	}
+	fail := func(stage string, err error) ([]Result, Timing, error) {
+		nc.Close()
+		unanswered(stage + ": " + err.Error())
+		return results, tm, unreachable(stage, err)
+	}
+	keep := func() {
+		store(func() error { c.put(cn); return nil })
+	}
+	reset := func() {
+		store(func() error { c.reset(cn); return nil })
 	}
 	// A 421 (or any reply to MAIL that is not about the message) means
 	// the store is not serving: it is not a verdict on the recipients.
 	utf8Needed := env.UTF8 && !allASCII(env.From, env.To)
 	if utf8Needed {
-		if ok, _ := nc.Extension("SMTPUTF8"); !ok {
+		// Extension may say LHLO again (go-smtp does after a RSET): that
+		// is time on the store.
+		var ok bool
+		store(func() error { ok, _ = nc.Extension("SMTPUTF8"); return nil })
+		if !ok {
 			for i := range results {
 				results[i] = Result{Rcpt: env.To[i], Code: 550, Enhanced: "5.6.7", Text: "backend does not support SMTPUTF8 for a non-ASCII address"}
 			}
-			c.put(cn)
-			return results, nil
+			keep()
+			return results, tm, nil
 		}
 	}
-	if err := nc.Mail(env.From, &smtp.MailOptions{UTF8: utf8Needed, Size: env.Size}); err != nil {
+	if err := store(func() error { return nc.Mail(env.From, &smtp.MailOptions{UTF8: utf8Needed, Size: env.Size}) }); err != nil {
 		if r, ok := replyOf(err); ok && r.Code != 421 {
 			// MAIL refused for this message (e.g. 552 size): same verdict
 			// for every recipient.
 			for i := range results {
 				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
 			}
-			c.reset(cn)
-			return results, nil
+			reset()
+			return results, tm, nil
 		}
 		return fail("MAIL", err)
 	}
 	accepted := make([]int, 0, len(env.To))
 	for i, rcpt := range env.To {
-		if err := nc.Rcpt(rcpt, nil); err != nil {
+		if err := store(func() error { return nc.Rcpt(rcpt, nil) }); err != nil {
 			r, ok := replyOf(err)
 			if !ok || r.Code == 421 {
 				return fail("RCPT", err)
@@ -276,25 +379,55 @@ func (c *Client) Deliver(ctx context.Context, env *envelope.Envelope, body io.Re
 		accepted = append(accepted, i)
 	}
 	if len(accepted) == 0 {
-		c.reset(cn)
-		return results, nil
+		reset()
+		return results, tm, nil
 	}
-	w, err := nc.Data()
-	if err != nil {
+	var w *smtp.DataCommand
+	if err := store(func() (err error) { w, err = nc.Data(); return err }); err != nil {
 		if r, ok := replyOf(err); ok && r.Code != 421 {
 			for _, i := range accepted {
 				results[i].Code, results[i].Enhanced, results[i].Text = r.Code, r.Enhanced, r.Text
 			}
-			c.reset(cn)
-			return results, nil
+			reset()
+			return results, tm, nil
 		}
 		return fail("DATA", err)
 	}
-	if _, err := io.Copy(w, body); err != nil {
-		return fail("sending message", err)
+	// Not io.Copy: a failed read and a failed write mean different things
+	// (a damaged queue record, a store gone), and their times belong to
+	// different parts of Timing. The laps follow each other without a gap,
+	// so all of the copy's time is either Source or Store.
+	buf := make([]byte, 32<<10)
+	sw.lap()
+	for {
+		n, rerr := body.Read(buf)
+		tm.Source += sw.lap()
+		// Only io.EOF itself ends the message, as the io.Reader contract
+		// has it: an error that merely wraps it (a chunk reader's
+		// unexpected end) must not pass a short message for a whole one.
+		if rerr != nil && rerr != io.EOF {
+			// The end-of-data mark must not be sent: the store would
+			// deliver what it has. Closing the connection in the middle of
+			// DATA makes it discard the transaction, and the connection,
+			// left in the middle of DATA, goes nowhere near the pool.
+			nc.Close()
+			unanswered("message could not be read from the queue: " + rerr.Error())
+			return results, tm, fmt.Errorf("%w: %w", ErrSource, rerr)
+		}
+		if n > 0 {
+			_, werr := w.Write(buf[:n])
+			tm.Store += sw.lap()
+			if werr != nil {
+				return fail("sending message", werr)
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
 	}
 	if c.o.Protocol == "lmtp" {
-		resp, err := w.CloseWithLMTPResponse()
+		var resp map[string]*smtp.DataResponse
+		err := store(func() (err error) { resp, err = w.CloseWithLMTPResponse(); return err })
 		for _, i := range accepted {
 			if _, ok := resp[env.To[i]]; ok {
 				results[i].Code, results[i].Enhanced, results[i].Text = 250, "2.0.0", "delivered"
@@ -327,7 +460,7 @@ func (c *Client) Deliver(ctx context.Context, env *envelope.Envelope, body io.Re
 			}
 		}
 	} else {
-		_, err := w.CloseWithResponse()
+		err := store(func() error { _, err := w.CloseWithResponse(); return err })
 		if err != nil {
 			r, ok := replyOf(err)
 			if !ok || r.Code == 421 {
@@ -342,8 +475,8 @@ func (c *Client) Deliver(ctx context.Context, env *envelope.Envelope, body io.Re
 			}
 		}
 	}
-	c.put(cn)
-	return results, nil
+	keep()
+	return results, tm, nil
 }
 
 // reset ends a transaction that did not reach DATA and keeps the connection.
