@@ -254,16 +254,17 @@ func (s *Store) deleteSeq(ctx context.Context, seq uint64) error {
 	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
 	defer cancel()
 	err := s.stream.DeleteMsg(ctx, seq)
-	if err == nil {
-		return nil
-	}
-	if gone(err) {
+	if err != nil && gone(err) {
 		// Seen after JetStream restarted from a full disk: the record read
 		// a moment ago, the server says it holds no such message.
 		s.log.Warn("deleting a record the store no longer holds; taken as deleted", "seq", seq, "err", err)
-		return nil
+		err = nil
 	}
-	return fmt.Errorf("deleting record %d: %w", seq, err)
+	if err != nil {
+		return fmt.Errorf("deleting record %d: %w", seq, err)
+	}
+	s.tombs.add(seq)
+	return nil
 }
 
 // gone reports a delete of a record that is not there (any more): the goal
@@ -422,4 +423,24 @@ func (s *Store) LastSeq(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("stream info: %w", err)
 	}
 	return si.State.LastSeq, nil
+}
+
+// StreamState is what a reader following the stream needs to know of it.
+type StreamState struct {
+	// Created identifies the stream: a stream deleted and made again has
+	// another creation time, and an index of the old one is worthless.
+	Created  time.Time
+	FirstSeq uint64
+	LastSeq  uint64
+}
+
+// State returns the stream's identity and bounds.
+func (s *Store) State(ctx context.Context) (StreamState, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
+	defer cancel()
+	si, err := s.stream.Info(ctx)
+	if err != nil {
+		return StreamState{}, fmt.Errorf("stream info: %w", err)
+	}
+	return StreamState{Created: si.Created, FirstSeq: si.State.FirstSeq, LastSeq: si.State.LastSeq}, nil
 }

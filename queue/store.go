@@ -6,6 +6,7 @@
 //	p.q.<route>    a queued record: envelope in headers, message as payload
 //	p.dlq.<route>  a dead letter: same shape, kept until an operator acts
 //	p.c.<token>    the chunks of a message too large for one record
+//	p.x            tombstones: which records were deleted (tombstone.go)
 //
 // The stream is the only state: a record present in p.q is mail not yet
 // delivered, and delivering it deletes it. There is no consumer state to
@@ -85,7 +86,12 @@ type Options struct {
 	// own, because the server handles one connection's messages in order,
 	// and one batch's fsync would otherwise hold up the next batch.
 	Connect func(name string) (*nats.Conn, error)
-	Logger  *slog.Logger
+	// TombstoneTTL is how long a tombstone stays in the stream, and
+	// TombstoneInterval how long deletions are gathered into one (see
+	// tombstone.go); zero: the defaults.
+	TombstoneTTL      time.Duration
+	TombstoneInterval time.Duration
+	Logger            *slog.Logger
 }
 
 // Store is the queue.
@@ -99,6 +105,7 @@ type Store struct {
 	prefix  string
 	log     *slog.Logger
 	commit  *committer
+	tombs   *tombstones
 	bufPool sync.Pool
 
 	notifyMu sync.Mutex
@@ -146,6 +153,8 @@ func Open(ctx context.Context, nc *nats.Conn, o Options) (*Store, error) {
 		Duplicates:         2 * time.Minute,
 		AllowDirect:        true,
 		AllowAtomicPublish: true,
+		// Tombstones expire by themselves.
+		AllowMsgTTL: true,
 	}
 	var st jetstream.Stream
 	for {
@@ -164,6 +173,7 @@ func Open(ctx context.Context, nc *nats.Conn, o Options) (*Store, error) {
 		}
 	}
 	s.stream = st
+	s.tombs = newTombstones(s, o.TombstoneTTL, o.TombstoneInterval)
 	if o.Durability == DurabilityGroup {
 		n := max(o.Committers, 1)
 		writers := make([]*writer, n)
@@ -200,6 +210,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 		have := st.CachedInfo().Config
 		if have.Replicas == cfg.Replicas && have.MaxBytes == cfg.MaxBytes && have.Discard == cfg.Discard &&
 			have.AllowAtomicPublish == cfg.AllowAtomicPublish && have.AllowDirect == cfg.AllowDirect &&
+			have.AllowMsgTTL == cfg.AllowMsgTTL &&
 			have.Duplicates == cfg.Duplicates && have.Retention == cfg.Retention &&
 			len(have.Subjects) == 1 && have.Subjects[0] == cfg.Subjects[0] {
 			return st, nil
@@ -227,6 +238,9 @@ func (s *Store) CommitStats() (batches, messages uint64) {
 func (s *Store) Close() {
 	if s.commit != nil {
 		s.commit.close()
+	}
+	if s.tombs != nil {
+		s.tombs.close()
 	}
 	for _, nc := range s.extra {
 		nc.Close()

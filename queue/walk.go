@@ -143,8 +143,13 @@ const (
 	walkStallLimit = 3
 )
 
-// remains asks the stream leader whether a record on subject (a filter,
-// wildcards allowed) is stored at a sequence in [from, last].
+// Remains asks the stream leader whether a record on subject (a filter,
+// wildcards allowed) is stored at a sequence in [from, last]: the
+// authoritative answer to "have I read everything up to last?".
+func (s *Store) Remains(ctx context.Context, subject string, from, last uint64) (bool, error) {
+	return s.remains(ctx, subject, from, last)
+}
+
 func (s *Store) remains(ctx context.Context, subject string, from, last uint64) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
 	defer cancel()

@@ -1,0 +1,177 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// Tombstones tell every node which records were deleted.
+//
+// Each node keeps an index of the queue on its own disk (the catalog), built
+// by reading the stream in sequence order. A new record is in the stream for
+// every reader to see; a deleted one leaves nothing behind, and JetStream
+// offers no feed of deletions (its list of deleted sequences grows with
+// every delivery and costs more to read each time). So whoever deletes a
+// record says so in the stream itself: a tombstone record on p.x lists the
+// sequences deleted since the last one, in the header Mxq-Deleted.
+//
+// Tombstones are gathered for TombstoneInterval and written off the
+// deleting caller's path: a delivery does not wait for one. They expire by
+// themselves (a per-message TTL), because they matter only to an index that
+// has not read them yet; an index that was not kept up for longer than that
+// is rebuilt. A tombstone lost in a crash leaves an index entry for a record
+// that is gone; every reader of the index checks the record itself before it
+// acts on it, and drops such an entry when it finds it.
+
+// HdrDeleted lists the sequences a tombstone reports deleted, in decimal,
+// separated by spaces.
+const HdrDeleted = "Mxq-Deleted"
+
+// TombstoneSubject is the subject of tombstones.
+func (s *Store) TombstoneSubject() string { return s.prefix + ".x" }
+
+// AllSubjects is the filter that matches every record mxq writes.
+func (s *Store) AllSubjects() string { return s.prefix + ".>" }
+
+// IsTombstone reports whether a subject is the tombstones'.
+func (s *Store) IsTombstone(subject string) bool { return subject == s.prefix+".x" }
+
+// IsQueued reports whether a subject holds queued records.
+func (s *Store) IsQueued(subject string) bool { return strings.HasPrefix(subject, s.prefix+".q.") }
+
+// IsDead reports whether a subject holds dead letters.
+func (s *Store) IsDead(subject string) bool { return strings.HasPrefix(subject, s.prefix+".dlq.") }
+
+// ParseTombstone returns the sequences a tombstone's header lists.
+func ParseTombstone(h nats.Header) ([]uint64, error) {
+	var out []uint64
+	for _, v := range h.Values(HdrDeleted) {
+		for _, f := range strings.Fields(v) {
+			n, err := strconv.ParseUint(f, 10, 64)
+			if err != nil {
+				return out, fmt.Errorf("tombstone: %q is not a sequence", f)
+			}
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// Defaults for tombstones.
+const (
+	DefaultTombstoneTTL      = 48 * time.Hour
+	DefaultTombstoneInterval = 100 * time.Millisecond
+	// tombstoneMax bounds one tombstone (about 10 KiB of header).
+	tombstoneMax = 1000
+)
+
+// tombstones gathers deleted sequences and writes them.
+type tombstones struct {
+	s        *Store
+	ttl      time.Duration
+	interval time.Duration
+
+	mu      sync.Mutex
+	pending []uint64
+	kick    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func newTombstones(s *Store, ttl, interval time.Duration) *tombstones {
+	if ttl <= 0 {
+		ttl = DefaultTombstoneTTL
+	}
+	if interval <= 0 {
+		interval = DefaultTombstoneInterval
+	}
+	t := &tombstones{s: s, ttl: ttl, interval: interval, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	go t.run()
+	return t
+}
+
+// add records deleted sequences; it never blocks on the store.
+func (t *tombstones) add(seqs ...uint64) {
+	t.mu.Lock()
+	t.pending = append(t.pending, seqs...)
+	full := len(t.pending) >= tombstoneMax
+	t.mu.Unlock()
+	if full {
+		select {
+		case t.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (t *tombstones) run() {
+	defer close(t.done)
+	tick := time.NewTicker(t.interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stop:
+			t.flush(context.Background())
+			return
+		case <-tick.C:
+		case <-t.kick:
+		}
+		t.flush(context.Background())
+	}
+}
+
+// flush writes what is pending, a tombstone per tombstoneMax sequences. A
+// tombstone that cannot be written is kept and tried again at the next
+// interval: it is not mail, and nothing waits for it.
+func (t *tombstones) flush(ctx context.Context) {
+	for {
+		t.mu.Lock()
+		n := min(len(t.pending), tombstoneMax)
+		if n == 0 {
+			t.mu.Unlock()
+			return
+		}
+		seqs := append([]uint64(nil), t.pending[:n]...)
+		t.mu.Unlock()
+		if err := t.write(ctx, seqs); err != nil {
+			t.s.log.Debug("writing a tombstone, will retry", "seqs", len(seqs), "err", err)
+			return
+		}
+		t.mu.Lock()
+		t.pending = append(t.pending[:0], t.pending[n:]...)
+		t.mu.Unlock()
+	}
+}
+
+func (t *tombstones) write(ctx context.Context, seqs []uint64) error {
+	var b strings.Builder
+	for i, q := range seqs {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(strconv.FormatUint(q, 10))
+	}
+	m := &nats.Msg{Subject: t.s.TombstoneSubject(), Header: nats.Header{}}
+	m.Header.Set(HdrDeleted, b.String())
+	m.Header.Set("Nats-TTL", t.ttl.String())
+	ctx, cancel := context.WithTimeout(ctx, t.s.o.Timeout)
+	defer cancel()
+	_, err := t.s.js.PublishMsg(ctx, m)
+	return err
+}
+
+// close writes what is pending and stops.
+func (t *tombstones) close() {
+	select {
+	case <-t.stop:
+	default:
+		close(t.stop)
+	}
+	<-t.done
+}
