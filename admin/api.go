@@ -3,6 +3,7 @@ package admin
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,6 +13,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mxq-dev/mxq/internal/mailaddr"
 	"github.com/mxq-dev/mxq/queue"
 	"github.com/mxq-dev/mxq/queue/delivery"
 	"github.com/mxq-dev/mxq/queue/drain"
@@ -231,6 +235,14 @@ func (s *Server) list(kind queue.Kind) http.HandlerFunc {
 		}
 		now := s.o.Now()
 		out := List{Items: []Item{}}
+		if kind == queue.Queued && qf.To != "" && s.catalogReady() {
+			if err := s.listMailbox(r.Context(), qf, cursor, limit, now, &out); err != nil {
+				writeErr(w, http.StatusServiceUnavailable, err.Error())
+				return
+			}
+			writeJSON(w, http.StatusOK, out)
+			return
+		}
 		next, err := s.store.Walk(r.Context(), kind, cursor, func(rec queue.Record) error {
 			out.Scanned++
 			if rec.Env != nil && !qf.Match(rec.Env, now) {
@@ -261,7 +273,7 @@ func (s *Server) find(w http.ResponseWriter, r *http.Request) (string, []queue.R
 		writeErr(w, http.StatusBadRequest, fmt.Sprintf("%q is not a queue ID (20 characters like 00D20GXKE3R002B7DMY9)", id))
 		return id, nil, false
 	}
-	recs, err := s.store.Find(r.Context(), id)
+	recs, err := s.findRecords(r.Context(), id)
 	if err != nil {
 		writeErr(w, http.StatusServiceUnavailable, err.Error())
 		return id, nil, false
@@ -389,13 +401,13 @@ func (s *Server) run(ctx context.Context, kind queue.Kind, action string, f queu
 		ids = ids[:0]
 		return err
 	}
-	seen := map[string]bool{} // hold/release act per message, not per record
-	from := uint64(0)
-	if len(f.IDs) > 0 {
-		// Start near the oldest selected ID instead of scanning it all.
-		from = s.startFor(ctx, f.IDs)
-	}
-	_, err := s.store.Walk(ctx, kind, from, func(rec queue.Record) error {
+	// Hold and release act per message, not per record: the records of a
+	// message split across backends sit side by side in the queue, so a
+	// short memory of the last IDs sent is enough, and keeps a bulk hold of
+	// millions in constant memory. (A message met again much later, its
+	// retry rewritten elsewhere, is held twice: harmless.)
+	seen := newRecentSet(4096)
+	err := s.each(ctx, kind, f, func(rec queue.Record) error {
 		if rec.Env == nil || !f.Match(rec.Env, now) {
 			return nil
 		}
@@ -405,10 +417,9 @@ func (s *Server) run(ctx context.Context, kind queue.Kind, action string, f queu
 		}
 		switch action {
 		case "hold", "release":
-			if seen[rec.Env.ID] {
+			if !seen.add(rec.Env.ID) {
 				return nil
 			}
-			seen[rec.Env.ID] = true
 			ids = append(ids, rec.Env.ID)
 			if len(ids) >= 1000 {
 				return flush()
@@ -444,6 +455,95 @@ func (s *Server) run(ctx context.Context, kind queue.Kind, action string, f queu
 		err = ferr
 	}
 	return res, err
+}
+
+// each calls fn for the records of kind that may match f, without their
+// messages: by the catalog for a list of IDs or a recipient, else by a walk
+// of the queue (from the oldest listed ID's arrival, when IDs are given).
+func (s *Server) each(ctx context.Context, kind queue.Kind, f queue.Filter, fn func(queue.Record) error) error {
+	switch {
+	case len(f.IDs) > 0 && s.catalogReady():
+		for _, id := range f.IDs {
+			recs, err := s.findRecords(ctx, id)
+			if err != nil {
+				return err
+			}
+			for _, r := range recs {
+				if r.Dead() != (kind == queue.Dead) {
+					continue
+				}
+				if err := fn(r); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	case kind == queue.Queued && f.To != "" && s.catalogReady():
+		key, err := catalogKey(f.To)
+		if err != nil {
+			return nil
+		}
+		from := uint32(0)
+		for {
+			msgs, next, err := s.o.Catalog.Mailbox(key, from, 1000)
+			if err != nil {
+				return err
+			}
+			for _, m := range msgs {
+				for _, seq := range m.Seqs {
+					rec, err := s.store.Get(ctx, seq)
+					if errors.Is(err, jetstream.ErrMsgNotFound) {
+						continue
+					}
+					if err != nil {
+						return err
+					}
+					rec.Data = nil
+					if err := fn(rec); err != nil {
+						return err
+					}
+				}
+			}
+			if next == 0 {
+				return nil
+			}
+			from = next
+		}
+	}
+	from := uint64(0)
+	if len(f.IDs) > 0 {
+		// Start near the oldest selected ID instead of scanning it all.
+		from = s.startFor(ctx, f.IDs)
+	}
+	_, err := s.store.Walk(ctx, kind, from, fn)
+	return err
+}
+
+// recentSet remembers the last n strings added.
+type recentSet struct {
+	ring []string
+	next int
+	in   map[string]int
+}
+
+func newRecentSet(n int) *recentSet {
+	return &recentSet{ring: make([]string, n), in: make(map[string]int, n)}
+}
+
+// add reports whether s was not among the last n added, and adds it.
+func (r *recentSet) add(s string) bool {
+	if _, ok := r.in[s]; ok {
+		return false
+	}
+	if old := r.ring[r.next]; old != "" {
+		if r.in[old]--; r.in[old] <= 0 {
+			delete(r.in, old)
+		}
+	}
+	r.ring[r.next] = s
+	r.in[s]++
+	r.next = (r.next + 1) % len(r.ring)
+	return true
 }
 
 // startFor is where a walk for these IDs can start: just before the
@@ -488,4 +588,92 @@ func (s *Server) bounce(ctx context.Context, rec queue.Record, reason string, no
 		}
 	}
 	return s.store.Rewrite(ctx, rec, outs)
+}
+
+func (s *Server) catalogReady() bool { return s.o.Catalog != nil && s.o.Catalog.IsReady() }
+
+// findRecords returns the records of a queue ID: from the catalog, each
+// read from the queue (a record the catalog lists but the queue no longer
+// holds is dropped, and the catalog told), or by a walk of the queue from
+// the ID's arrival while the catalog is not ready.
+func (s *Server) findRecords(ctx context.Context, id string) ([]queue.Record, error) {
+	if !s.catalogReady() {
+		return s.store.Find(ctx, id)
+	}
+	seqs, err := s.o.Catalog.Seqs(id)
+	if err != nil {
+		return nil, err
+	}
+	var out []queue.Record
+	for _, seq := range seqs {
+		rec, err := s.store.Get(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			s.o.Catalog.Forget(seq)
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if rec.Env == nil || rec.Env.ID != id {
+			continue
+		}
+		rec.Data = nil
+		out = append(out, rec)
+	}
+	return out, nil
+}
+
+// listMailbox serves a page of the queued mail for one recipient from the
+// catalog: the mailbox's messages by UID from cursor on, each record read
+// from the queue and checked against the rest of the filter. The cursor
+// of the next page is a UID.
+func (s *Server) listMailbox(ctx context.Context, f queue.Filter, cursor uint64, limit int, now time.Time, out *List) error {
+	key, err := catalogKey(f.To)
+	if err != nil {
+		return nil // not a mailbox: nothing is queued for it
+	}
+	from := uint32(min(cursor, uint64(^uint32(0))))
+	for {
+		msgs, next, err := s.o.Catalog.Mailbox(key, from, limit)
+		if err != nil {
+			return err
+		}
+		for _, m := range msgs {
+			out.Scanned++
+			for _, seq := range m.Seqs {
+				rec, err := s.store.Get(ctx, seq)
+				if errors.Is(err, jetstream.ErrMsgNotFound) {
+					s.o.Catalog.Forget(seq)
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				rec.Data = nil
+				if rec.Env == nil || rec.Dead() || !f.Match(rec.Env, now) {
+					continue
+				}
+				out.Items = append(out.Items, s.item(rec))
+			}
+			if len(out.Items) >= limit {
+				if m.UID < ^uint32(0) {
+					out.Next = uint64(m.UID) + 1
+				}
+				return nil
+			}
+		}
+		if next == 0 {
+			return nil
+		}
+		from = next
+	}
+}
+
+// catalogKey is the catalog's mailbox key of an address.
+func catalogKey(addr string) (string, error) {
+	a, err := mailaddr.Parse(addr)
+	if err != nil {
+		return "", err
+	}
+	return a.Key(), nil
 }

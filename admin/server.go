@@ -32,6 +32,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/drain"
 )
 
@@ -81,6 +82,18 @@ type Options struct {
 	// Continuity reports the view of held mail (GET /api/v1/continuity);
 	// nil: disabled.
 	Continuity ContinuityReporter
+	// Catalog finds a queue ID's records and a mailbox's messages without
+	// walking the queue; nil (or not ready yet): the queue is walked.
+	Catalog Catalog
+}
+
+// Catalog is the node's catalog of the queue (catalog.Catalog) as the API
+// uses it.
+type Catalog interface {
+	IsReady() bool
+	Seqs(id string) ([]uint64, error)
+	Mailbox(mbox string, from uint32, max int) ([]catalog.Message, uint32, error)
+	Forget(seqs ...uint64)
 }
 
 // Server is the admin HTTP handler.

@@ -36,13 +36,15 @@ import (
 	"github.com/mxq-dev/mxq/continuity/mail"
 	"github.com/mxq-dev/mxq/continuity/web"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 )
 
 // Options configures the service.
 type Options struct {
-	Store        *queue.Store
-	Folder       string
-	PollInterval time.Duration
+	Store *queue.Store
+	// Catalog is the node's catalog of the queue, running (queue/catalog).
+	Catalog *catalog.Catalog
+	Folder  string
 	// Listen addresses; empty disables one.
 	IMAPListen         string // implicit TLS
 	IMAPStartTLSListen string // STARTTLS
@@ -131,7 +133,7 @@ func Start(ctx context.Context, o Options) (*Service, error) {
 		}
 	}
 	audit := o.Logger.With("component", "continuity-audit")
-	s.idx = index.New(o.Store, index.Options{PollInterval: o.PollInterval, Now: o.Now, Logger: o.Logger})
+	s.idx = index.New(o.Catalog, o.Store, index.Options{Logger: o.Logger})
 	reader := mail.New(o.Store, s.idx, audit, s)
 	guard := auth.NewGuard(o.Auth, o.Limits, o.DefaultDomain, o.Now, audit, s)
 
@@ -196,7 +198,6 @@ func Start(ctx context.Context, o Options) (*Service, error) {
 			}
 		}()
 	}
-	run("index", func() error { return s.idx.Run(ctx) })
 	if imapLn != nil {
 		s.addrs.IMAP = imapLn.Addr().String()
 		run("IMAP", func() error { return s.imap.ServeTLS(imapLn) })

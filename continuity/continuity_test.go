@@ -30,8 +30,10 @@ func options(t *testing.T) (Options, *testpki.CA) {
 	}
 	ca, _ := testpki.NewCA("continuity test")
 	leaf, _ := ca.Issue("127.0.0.1")
+	st := teststore.New(t, 0)
 	return Options{
-		Store: teststore.New(t, 0), IMAPListen: "127.0.0.1:0", WebListen: "127.0.0.1:0",
+		Store: st, Catalog: teststore.Catalog(t, st),
+		IMAPListen: "127.0.0.1:0", WebListen: "127.0.0.1:0",
 		TLS:  &tls.Config{Certificates: []tls.Certificate{leaf.Cert}},
 		Auth: pf, Limits: auth.Limits{PerUser: 5, PerIP: 20, Window: time.Minute},
 		Registerer: prometheus.NewRegistry(),

@@ -77,6 +77,7 @@ type tombstones struct {
 	ttl      time.Duration
 	interval time.Duration
 
+	flushMu sync.Mutex // one flush at a time
 	mu      sync.Mutex
 	pending []uint64
 	kick    chan struct{}
@@ -130,6 +131,8 @@ func (t *tombstones) run() {
 // tombstone that cannot be written is kept and tried again at the next
 // interval: it is not mail, and nothing waits for it.
 func (t *tombstones) flush(ctx context.Context) {
+	t.flushMu.Lock()
+	defer t.flushMu.Unlock()
 	for {
 		t.mu.Lock()
 		n := min(len(t.pending), tombstoneMax)
@@ -164,6 +167,20 @@ func (t *tombstones) write(ctx context.Context, seqs []uint64) error {
 	defer cancel()
 	_, err := t.s.js.PublishMsg(ctx, m)
 	return err
+}
+
+// FlushTombstones writes the tombstones of every deletion so far now,
+// instead of at the next interval: for tools and tests that want the
+// catalog to see a deletion at once.
+func (s *Store) FlushTombstones(ctx context.Context) error {
+	s.tombs.flush(ctx)
+	s.tombs.mu.Lock()
+	left := len(s.tombs.pending)
+	s.tombs.mu.Unlock()
+	if left > 0 {
+		return fmt.Errorf("queue: %d tombstones not written", left)
+	}
+	return nil
 }
 
 // close writes what is pending and stops.

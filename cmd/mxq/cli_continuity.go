@@ -57,7 +57,7 @@ func (c *cli) printContinuity(st continuity.Status) {
 	if !ix.Ready {
 		state = "BUILDING"
 	}
-	fmt.Fprintf(w, "index\t%s, %d messages for %d users (%s), UIDVALIDITY %d, synced %s ago\n", state, ix.Messages, ix.Mailboxes,
+	fmt.Fprintf(w, "index\t%s, %d messages for %d users (%s), UIDVALIDITY %d, last change applied %s ago\n", state, ix.Messages, ix.Mailboxes,
 		bytesH(uint64(max(ix.Bytes, 0))), ix.UIDValidity, durH(time.Since(ix.LastSync)))
 	fmt.Fprintf(w, "sessions\t%d IMAP, %d web\n", st.Sessions.IMAP, st.Sessions.Web)
 	var results []string

@@ -10,6 +10,7 @@ import (
 	"github.com/mxq-dev/mxq/continuity/auth"
 	"github.com/mxq-dev/mxq/internal/tlsreload"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 )
 
 // startContinuity starts the view of held mail (IMAP and web) when
@@ -17,7 +18,7 @@ import (
 // not. The view never stands in the way of mail: if it cannot start (a
 // port taken), mxq logs why, keeps taking and delivering mail, and
 // `mxq continuity status` shows the error.
-func startContinuity(ctx context.Context, cfg *config.Config, log *slog.Logger, store *queue.Store, metrics *admin.Metrics) admin.ContinuityReporter {
+func startContinuity(ctx context.Context, cfg *config.Config, log *slog.Logger, store *queue.Store, cat *catalog.Catalog, metrics *admin.Metrics) admin.ContinuityReporter {
 	ct := cfg.Continuity
 	if !ct.Enabled {
 		return nil
@@ -40,8 +41,8 @@ func startContinuity(ctx context.Context, cfg *config.Config, log *slog.Logger, 
 	go users.Run(ctx, filePoll)
 	svc, err := continuity.Start(ctx, continuity.Options{
 		Store:              store,
+		Catalog:            cat,
 		Folder:             ct.Folder,
-		PollInterval:       ct.PollInterval,
 		IMAPListen:         ct.IMAP.Listen,
 		IMAPStartTLSListen: ct.IMAP.StartTLSListen,
 		WebListen:          ct.Web.Listen,

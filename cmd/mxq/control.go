@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/mxq-dev/mxq/admin"
 	"github.com/mxq-dev/mxq/config"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/drain"
 	"github.com/mxq-dev/mxq/raftstore"
 )
@@ -123,8 +125,8 @@ func rampChanged(old, now raftstore.Ramp) bool {
 }
 
 // follow applies control state to the drain as it changes: ceilings
-// (operator overrides or the configuration), ramp resets, and kicks after
-// releases and resumes.
+// (operator overrides or the configuration), ramp resets, and a kick after
+// a resume. (Releases reach the drain through the catalog.)
 func (c *controlPlane) follow(ctx context.Context, d *drain.Drainer) {
 	ch, unsubscribe := c.rs.Subscribe()
 	defer unsubscribe()
@@ -134,7 +136,6 @@ func (c *controlPlane) follow(ctx context.Context, d *drain.Drainer) {
 		resetSeq uint64
 	}
 	last := map[string]seen{}
-	var lastHolds int
 	lastPaused := map[string]bool{}
 	first := true
 	for {
@@ -164,10 +165,6 @@ func (c *controlPlane) follow(ctx context.Context, d *drain.Drainer) {
 			}
 			lastPaused[name] = p
 		}
-		if len(st.Holds) < lastHolds {
-			kick = true // something was released
-		}
-		lastHolds = len(st.Holds)
 		if kick && !first {
 			d.Kick()
 		}
@@ -177,5 +174,45 @@ func (c *controlPlane) follow(ctx context.Context, d *drain.Drainer) {
 			return
 		case <-ch:
 		}
+	}
+}
+
+// rangeHolds calls fn for every held queue ID, for the catalog's
+// reconciliation at start.
+func (c *controlPlane) rangeHolds(fn func(id string) bool) {
+	c.rs.State().RangeHolds(func(id string, _ raftstore.Hold) bool { return fn(id) })
+}
+
+// holdEvents carries the control plane's holds and releases to the
+// catalog, which the raft store starts before the catalog exists: events
+// before that are dropped, and covered by the catalog's reconciliation of
+// its held keys with the whole control state when it starts.
+type holdEvents struct {
+	mu  sync.Mutex
+	cat *catalog.Catalog
+}
+
+func (h *holdEvents) set(c *catalog.Catalog) {
+	h.mu.Lock()
+	h.cat = c
+	h.mu.Unlock()
+}
+
+// event is raftstore.Options.OnHolds: it runs on the FSM's goroutine and
+// only queues.
+func (h *holdEvents) event(ev raftstore.HoldEvent) {
+	h.mu.Lock()
+	c := h.cat
+	h.mu.Unlock()
+	if c == nil {
+		return
+	}
+	switch ev.Op {
+	case raftstore.OpHold:
+		c.HoldEvent(catalog.OpHold, ev.IDs)
+	case raftstore.OpRelease:
+		c.HoldEvent(catalog.OpRelease, ev.IDs)
+	case raftstore.HoldsRestored:
+		c.HoldEvent(catalog.OpRestored, nil)
 	}
 }

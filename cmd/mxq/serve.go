@@ -22,6 +22,7 @@ import (
 	"github.com/mxq-dev/mxq/admin"
 	"github.com/mxq-dev/mxq/config"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/delivery"
 	"github.com/mxq-dev/mxq/queue/drain"
 	"github.com/mxq-dev/mxq/queue/envelope"
@@ -179,7 +180,9 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		}
 	}
 
-	collectOrphans(ctx, log, store, emb != nil && !cfg.Clustered())
+	// Hold events reach the catalog once it is open; those before it are
+	// covered by its reconciliation at start.
+	holdSink := &holdEvents{}
 
 	var salt [4]byte
 	_, _ = rand.Read(salt[:])
@@ -195,6 +198,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		HeartbeatTimeout: 150 * time.Millisecond,
 		ElectionTimeout:  150 * time.Millisecond,
 		Forward:          forwarder(nc),
+		OnHolds:          holdSink.event,
 		Logger:           log.With("component", "raft"),
 	}
 	if cfg.Clustered() {
@@ -223,9 +227,35 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		return fmt.Errorf("control plane: %w", err)
 	}
 	ctl := newControlPlane(rs, cfg, log.With("component", "control"))
+
+	// The catalog: this node's index of the queue, on its disk. It follows
+	// the stream and the holds in the background; the drain, the admin
+	// API and the view of held mail read it.
+	cat, err := catalog.Open(ctx, store, catalog.Options{
+		Dir: filepath.Join(cfg.DataDir, "catalog"), Held: ctl.Held, RangeHolds: ctl.rangeHolds,
+		Logger: log.With("component", "catalog"),
+	})
+	if err != nil {
+		store.Close()
+		return err
+	}
+	holdSink.set(cat)
+	catCtx, stopCatalog := context.WithCancel(context.Background())
+	catDone := make(chan struct{})
+	go func() {
+		defer close(catDone)
+		if err := cat.Run(catCtx); err != nil {
+			log.Error("the catalog of the queue stopped; the drain and queries wait for it", "err", err)
+		}
+	}()
+	defer func() {
+		stopCatalog()
+		<-catDone
+		cat.Close()
+	}()
 	metrics := admin.NewMetrics()
 	metrics.GroupCommit(store.CommitStats)
-	cont := startContinuity(ctx, cfg, log, store, metrics) // users read held mail during an outage (continuity.go)
+	cont := startContinuity(ctx, cfg, log, store, cat, metrics) // users read held mail during an outage (continuity.go)
 
 	// Drain.
 	var routes []drain.Route
@@ -266,7 +296,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	drainCtx, stopDrain := context.WithCancel(context.Background())
 	drainDone := make(chan struct{})
 	runner := &drainRunner{rs: rs, ctl: ctl, log: log.With("component", "drain"),
-		build: func() *drain.Drainer { return drain.New(store, drainOpts) }}
+		build: func() *drain.Drainer { return drain.New(store, cat, drainOpts) }}
 	go ctl.persist(drainCtx, runner, 2*time.Second)
 	if cfg.Clustered() {
 		go reconcileMembership(drainCtx, rs, cfg, log.With("component", "raft"))
@@ -286,7 +316,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		api := admin.New(admin.Options{
 			Node: cfg.NodeName, Token: cfg.Admin.Token, Routes: routeNames,
 			Ready:  func(ctx context.Context) error { return ready(ctx, cfg, store, rs) },
-			Logger: log.With("component", "admin"), Continuity: cont,
+			Logger: log.With("component", "admin"), Continuity: cont, Catalog: cat,
 		}, store, ctl, runner, reporter, metrics)
 		go api.Run(drainCtx)
 		aln, err := net.Listen("tcp", cfg.Admin.Listen)
@@ -341,6 +371,8 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	}
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- rl.Serve(ln) }()
+	// Work that does not bound the first 250: after SMTP opens.
+	go collectOrphans(drainCtx, log, store, emb != nil && !cfg.Clustered())
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
 		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0))
 
@@ -409,10 +441,11 @@ func stageBatches(log *slog.Logger, cfg *config.Config, emb *queue.Embedded) str
 }
 
 // collectOrphans frees the stream space held by chunks of large messages
-// a crash cut off, before this node accepts or delivers anything (see
-// queue.Store.CollectOrphans). A node alone on its embedded stream owns
-// every chunk in it; otherwise only those it wrote itself. Failing is not
-// fatal: the space stays taken until the next start, no mail is at stake.
+// a crash cut off (see queue.Store.CollectOrphans), in the background once
+// SMTP is open: it walks the queue, which must not delay the first 250. A
+// node alone on its embedded stream owns every chunk in it; otherwise only
+// those it wrote itself. Failing is not fatal: the space stays taken until
+// the next start, no mail is at stake.
 func collectOrphans(ctx context.Context, log *slog.Logger, store *queue.Store, alone bool) {
 	start := time.Now()
 	got, err := store.CollectOrphans(ctx, alone)

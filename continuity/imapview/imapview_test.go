@@ -48,12 +48,7 @@ const multipart = "From: Carol <carol@example.org>\r\nTo: alice@example.test\r\n
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	f := &fixture{t: t, store: teststore.New(t, 64<<10)}
-	ctx, cancel := context.WithCancel(context.Background())
-	f.idx = index.New(f.store, index.Options{PollInterval: 100 * time.Millisecond})
-	done := make(chan struct{})
-	go func() { f.idx.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	<-f.idx.Ready()
+	f.idx = index.New(teststore.Catalog(t, f.store), f.store, index.Options{})
 
 	var lines []string
 	for _, u := range []string{"alice", "bob"} {

@@ -1,51 +1,33 @@
-// Package index lists, per recipient, the mail mxq holds, without scanning
-// the stream: it is what lets one user's held mail be listed in
-// microseconds under a backlog of millions.
+// Package index lists, per recipient, the mail mxq holds, for the
+// continuity views (IMAP and web).
 //
-// The index is in memory, built by one headers-only walk of the queued
-// records at start and then kept current by following the stream:
+// The lists themselves are the node's catalog of the queue
+// (queue/catalog): on disk, following the stream, so that one user's held
+// mail is listed by a prefix scan under a backlog of millions, and the
+// memory it takes does not grow with the backlog. UIDs are per mailbox,
+// given in the order the catalog first saw each message, never reused, and
+// kept across restarts; UIDVALIDITY is the catalog's, so a client re-syncs
+// only when the catalog was rebuilt. A message keeps its entry, and its
+// UID, across rewrites (a retry of some recipients); dead letters leave the
+// view as they leave the queue's delivery path.
 //
-//   - new records: a walk from the last sequence seen, whenever the stream's
-//     last sequence moved (Store.Notify wakes us on local writes; a poll
-//     every PollInterval catches the writes of other cluster nodes);
-//   - records that left (delivered, deleted, rewritten): the stream's state
-//     tells for free whether anything was deleted since the last look —
-//     LastSeq − Msgs counts every deletion ever made — and only then do we
-//     ask which: every sequence below FirstSeq, plus the interior deleted
-//     sequences the stream lists. Nothing is read per indexed record, so
-//     during an outage (nothing delivered) the check costs one stream-info
-//     call per poll, however large the backlog.
-//
-// Each round walks the new records before applying deletions, and a
-// rewrite (a retry of the remaining recipients) stores its new record
-// before deleting the old one, so the new record is always seen first: the
-// message keeps its entry, and its IMAP UID, across rewrites.
-//
-// UIDs are per mailbox (one per user), given in arrival order at start-up
-// and in discovery order afterwards, never reused while the index lives.
-// UIDVALIDITY is the start time in seconds: after a restart every mailbox
-// gets a new UIDVALIDITY (greater than the last) and clients re-sync. An
-// empty mailbox is kept (about 130 bytes) so that its UID counter survives.
-//
-// Only queued records are indexed: dead letters leave the view, as they
-// leave the queue's delivery path.
+// What this package adds is a bounded cache of the header summaries the
+// views parse (subject, sender, date): a client asks for them again and
+// again, and parsing means reading the message from the queue.
 package index
 
 import (
+	"container/list"
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"slices"
-	"sort"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/mxq-dev/mxq/internal/mailaddr"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 )
 
 // Message is one held message as a mailbox lists it.
@@ -66,8 +48,6 @@ type Message struct {
 }
 
 // Summary is the part of a message's header the views show and search.
-// It is cached on the entry because a client asks for it again and again
-// (every ENVELOPE fetch, every web listing).
 type Summary struct {
 	Subject string
 	From    string // the From: header, decoded
@@ -83,417 +63,75 @@ type Stats struct {
 	UIDValidity uint32 `json:"uid_validity"`
 	// Mailboxes is the number of users with held mail; Messages counts a
 	// message once per recipient mailbox.
-	Mailboxes int    `json:"mailboxes"`
-	Messages  int    `json:"messages"`
-	Records   int    `json:"records"`
-	Bytes     int64  `json:"bytes"`
-	LastSeq   uint64 `json:"last_seq"`
-	// LastSync is when the index last caught up with the stream.
+	Mailboxes int   `json:"mailboxes"`
+	Messages  int   `json:"messages"`
+	Records   int   `json:"records"` // queued records (not dead letters)
+	Bytes     int64 `json:"bytes"`
+	// Position is the next stream sequence the catalog will read.
+	Position uint64 `json:"position"`
+	// Summaries is how many parsed headers the cache holds.
+	Summaries int `json:"summaries"`
+	// LastSync is when the catalog last applied a change.
 	LastSync time.Time `json:"last_sync"`
 }
 
 // Options configures an Index.
 type Options struct {
-	// PollInterval is how often the stream is checked for changes made
-	// elsewhere (default 1 s).
-	PollInterval time.Duration
-	Now          func() time.Time
-	Logger       *slog.Logger
+	// Summaries bounds the cache of parsed headers (default 10 000).
+	Summaries int
+	Logger    *slog.Logger
 }
 
-// entry is a message in one mailbox.
-type entry struct {
-	uid     uint32
-	id      string
-	seqs    []uint64 // the records holding it for this mailbox, oldest first
-	size    int64
-	arrived int64 // Unix nanoseconds: 8 bytes instead of time.Time's 24
-	from    string
-	sum     *Summary
-	mb      *mailbox
-}
-
-// mailbox is one user's held mail.
-type mailbox struct {
-	nextUID uint32
-	entries []*entry // by UID
-	// changed is closed at the next change; nil while nobody watches.
-	changed chan struct{}
-}
-
-type idKey struct {
-	mb *mailbox
-	id string
-}
-
-// Index is the per-recipient index of held mail.
+// Index is the per-recipient view of held mail.
 type Index struct {
+	cat   *catalog.Catalog
 	store *queue.Store
 	o     Options
 	log   *slog.Logger
-	uidv  uint32
-	ready chan struct{}
 
-	syncMu  sync.Mutex // one sync at a time
-	next    uint64     // first sequence not yet walked
-	deleted uint64     // LastSeq − Msgs at the last look: deletions so far
-	stream  jetstream.Stream
-
-	mu        sync.RWMutex
-	mailboxes map[string]*mailbox
-	byID      map[idKey]*entry
-	bySeq     map[uint64][]*entry
-	order     []uint64 // indexed sequences, ascending (may hold removed ones)
-	messages  int
-	bytes     int64
-	lastSeq   uint64
-	lastSync  time.Time
+	mu    sync.Mutex
+	cache map[sumKey]*list.Element
+	lru   list.List // of *cached, most recent first
 }
 
-// New returns an index of store's queued mail; Run builds and follows it.
-func New(store *queue.Store, o Options) *Index {
-	if o.PollInterval <= 0 {
-		o.PollInterval = time.Second
-	}
-	if o.Now == nil {
-		o.Now = time.Now
+type sumKey struct {
+	user string
+	uid  uint32
+}
+
+type cached struct {
+	key sumKey
+	id  string // the message it was parsed from: a UID is never reused, but be sure
+	sum *Summary
+}
+
+// New returns the view of cat, the catalog of store's queue.
+func New(cat *catalog.Catalog, store *queue.Store, o Options) *Index {
+	if o.Summaries <= 0 {
+		o.Summaries = 10000
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Index{
-		store: store, o: o, log: o.Logger,
-		uidv:      uint32(o.Now().Unix()),
-		ready:     make(chan struct{}),
-		mailboxes: map[string]*mailbox{},
-		byID:      map[idKey]*entry{},
-		bySeq:     map[uint64][]*entry{},
-	}
+	return &Index{cat: cat, store: store, o: o, log: o.Logger, cache: map[sumKey]*list.Element{}}
 }
 
-// UIDValidity is the UIDVALIDITY of every mailbox for the life of the index.
-func (x *Index) UIDValidity() uint32 { return x.uidv }
+// UIDValidity is the UIDVALIDITY of every mailbox.
+func (x *Index) UIDValidity() uint32 { return x.cat.UIDValidity() }
 
-// Ready is closed once the initial walk is done.
-func (x *Index) Ready() <-chan struct{} { return x.ready }
+// Ready is closed once the catalog has caught up with the stream.
+func (x *Index) Ready() <-chan struct{} { return x.cat.Ready() }
 
-// IsReady reports whether the initial walk is done.
-func (x *Index) IsReady() bool {
-	select {
-	case <-x.ready:
-		return true
-	default:
-		return false
-	}
-}
+// IsReady reports whether Ready is closed.
+func (x *Index) IsReady() bool { return x.cat.IsReady() }
 
-// Run builds the index, then follows the stream until ctx ends.
-func (x *Index) Run(ctx context.Context) error {
-	notify := x.store.Notify()
-	for {
-		err := x.Build(ctx)
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		x.log.Warn("building the continuity index, will retry", "err", err)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(x.o.PollInterval):
-		}
-	}
-	t := time.NewTicker(x.o.PollInterval)
-	defer t.Stop()
-	// Local writes wake us at once, but a burst of them costs at most
-	// one sync per minGap: each sync that finds new records walks them
-	// with a short-lived consumer, which the server keeps for a while.
-	const minGap = 250 * time.Millisecond
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-notify:
-		case <-t.C:
-		}
-		if err := x.Sync(ctx); err != nil && ctx.Err() == nil {
-			x.log.Warn("continuity index: following the stream", "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(minGap):
-		}
-	}
-}
-
-// state is the stream's state as the index reads it.
-type state struct {
-	first, last, msgs uint64
-	deleted           []uint64 // interior deletions, when asked for
-}
-
-func (x *Index) streamState(ctx context.Context, details bool) (state, error) {
-	if x.stream == nil {
-		st, err := x.store.JetStream().Stream(ctx, x.store.StreamName())
-		if err != nil {
-			return state{}, fmt.Errorf("stream %s: %w", x.store.StreamName(), err)
-		}
-		x.stream = st
-	}
-	var opts []jetstream.StreamInfoOpt
-	if details {
-		opts = append(opts, jetstream.WithDeletedDetails(true))
-	}
-	si, err := x.stream.Info(ctx, opts...)
-	if err != nil {
-		return state{}, fmt.Errorf("stream info: %w", err)
-	}
-	return state{first: si.State.FirstSeq, last: si.State.LastSeq, msgs: si.State.Msgs, deleted: si.State.Deleted}, nil
-}
-
-// Build walks every queued record's envelope and gives UIDs in arrival
-// order. It replaces what the index held.
-func (x *Index) Build(ctx context.Context) error {
-	x.syncMu.Lock()
-	defer x.syncMu.Unlock()
-	// The deletion count is read before the walk: whatever is deleted
-	// during it is caught by the next Sync.
-	st, err := x.streamState(ctx, false)
-	if err != nil {
-		return err
-	}
-	type found struct {
-		rec  queue.Record
-		keys []string
-	}
-	var all []found
-	next, err := x.store.Walk(ctx, queue.Queued, 1, func(r queue.Record) error {
-		if keys := recipientKeys(r); len(keys) > 0 {
-			r.Data = nil
-			all = append(all, found{r, keys})
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("walking the queue: %w", err)
-	}
-	// Arrival order: retried records sit later in the stream than their
-	// arrival says.
-	sort.SliceStable(all, func(i, j int) bool {
-		a, b := all[i].rec.Env, all[j].rec.Env
-		if !a.Arrived.Equal(b.Arrived) {
-			return a.Arrived.Before(b.Arrived)
-		}
-		return a.ID < b.ID
-	})
-	x.mu.Lock()
-	x.mailboxes = map[string]*mailbox{}
-	x.byID = map[idKey]*entry{}
-	x.bySeq = map[uint64][]*entry{}
-	x.order = x.order[:0]
-	x.messages, x.bytes = 0, 0
-	for _, f := range all {
-		x.addLocked(f.rec, f.keys)
-	}
-	// add appended out of sequence order; order must be ascending.
-	slices.Sort(x.order)
-	x.next = next
-	x.deleted = st.last - st.msgs
-	x.lastSeq = max(st.last, next-1)
-	x.lastSync = x.o.Now()
-	messages, mailboxes := x.messages, len(x.mailboxes)
-	x.mu.Unlock()
-	select {
-	case <-x.ready:
-	default:
-		close(x.ready)
-	}
-	x.log.Info("continuity index built", "messages", messages, "mailboxes", mailboxes, "uid_validity", x.uidv)
-	return nil
-}
-
-// Sync catches up with the stream: records written and removed since the
-// last look.
+// Sync returns once every change made to the queue before the call is in
+// the lists: for tools and tests (the catalog follows by itself).
 func (x *Index) Sync(ctx context.Context) error {
-	x.syncMu.Lock()
-	defer x.syncMu.Unlock()
-	st, err := x.streamState(ctx, false)
-	if err != nil {
+	if err := x.store.FlushTombstones(ctx); err != nil {
 		return err
 	}
-	deleted := st.last - st.msgs
-	if deleted != x.deleted {
-		// Something was deleted: ask which (interior ones; everything
-		// below FirstSeq is gone too).
-		if st, err = x.streamState(ctx, true); err != nil {
-			return err
-		}
-		deleted = st.last - st.msgs
-	}
-	// New records first, so that a rewrite's new record is indexed before
-	// its old one is removed (see the package comment).
-	if st.last >= x.next {
-		var batch []queue.Record
-		flush := func() {
-			x.mu.Lock()
-			for _, r := range batch {
-				x.addLocked(r, recipientKeys(r))
-			}
-			x.mu.Unlock()
-			batch = batch[:0]
-		}
-		next, err := x.store.Walk(ctx, queue.Queued, x.next, func(r queue.Record) error {
-			batch = append(batch, r)
-			if len(batch) == 256 {
-				flush()
-			}
-			return nil
-		})
-		flush()
-		if err != nil {
-			return fmt.Errorf("walking new records: %w", err)
-		}
-		x.next = max(next, st.last+1)
-	}
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if deleted != x.deleted {
-		x.removeBelowLocked(st.first)
-		for _, seq := range st.deleted {
-			x.removeSeqLocked(seq)
-		}
-		x.deleted = deleted
-	}
-	x.lastSeq = max(x.lastSeq, st.last)
-	x.lastSync = x.o.Now()
-	return nil
-}
-
-// recipientKeys returns the mailbox keys of a record's recipients, once
-// each.
-func recipientKeys(r queue.Record) []string {
-	if r.Env == nil {
-		return nil // undecodable: reported by the queue's tools, not shown
-	}
-	keys := make([]string, 0, len(r.Env.To))
-	for _, to := range r.Env.To {
-		a, err := mailaddr.Parse(to)
-		if err != nil {
-			continue
-		}
-		k := a.Key()
-		if !slices.Contains(keys, k) {
-			keys = append(keys, k)
-		}
-	}
-	return keys
-}
-
-// addLocked indexes a record for its recipients' mailboxes.
-func (x *Index) addLocked(r queue.Record, keys []string) {
-	if len(keys) == 0 || r.Env == nil {
-		return
-	}
-	if _, ok := x.bySeq[r.Seq]; ok {
-		return // already indexed (a walk that overlapped)
-	}
-	env := r.Env
-	// Copies, so that the index does not pin the decoded header block the
-	// strings may point into.
-	id, from := strings.Clone(env.ID), strings.Clone(env.From)
-	refs := make([]*entry, 0, len(keys))
-	for _, k := range keys {
-		mb := x.mailboxes[k]
-		if mb == nil {
-			mb = &mailbox{nextUID: 1}
-			x.mailboxes[k] = mb
-		}
-		e := x.byID[idKey{mb, env.ID}]
-		if e == nil {
-			e = &entry{uid: mb.nextUID, id: id, size: env.Size, arrived: env.Arrived.UnixNano(), from: from, mb: mb}
-			mb.nextUID++
-			mb.entries = append(mb.entries, e) // the new UID is the largest
-			x.byID[idKey{mb, env.ID}] = e
-			x.messages++
-			x.bytes += env.Size
-		}
-		e.seqs = append(e.seqs, r.Seq)
-		refs = append(refs, e)
-		mb.notifyLocked()
-	}
-	x.bySeq[r.Seq] = refs
-	x.order = append(x.order, r.Seq)
-}
-
-// removeBelowLocked removes every indexed record below seq.
-func (x *Index) removeBelowLocked(seq uint64) {
-	i := 0
-	for ; i < len(x.order) && x.order[i] < seq; i++ {
-		x.removeSeqLocked(x.order[i])
-	}
-	if i > 0 {
-		x.order = slices.Delete(x.order, 0, i)
-	}
-}
-
-// removeSeqLocked forgets a record that left the stream; a message whose
-// last record it was leaves its mailbox.
-func (x *Index) removeSeqLocked(seq uint64) {
-	refs, ok := x.bySeq[seq]
-	if !ok {
-		return
-	}
-	delete(x.bySeq, seq)
-	for _, e := range refs {
-		if i := slices.Index(e.seqs, seq); i >= 0 {
-			e.seqs = slices.Delete(e.seqs, i, i+1)
-		}
-		if len(e.seqs) > 0 {
-			continue
-		}
-		mb := e.mb
-		i, found := slices.BinarySearchFunc(mb.entries, e.uid, func(a *entry, uid uint32) int { return int64cmp(int64(a.uid), int64(uid)) })
-		if found {
-			mb.entries = slices.Delete(mb.entries, i, i+1)
-		}
-		delete(x.byID, idKey{mb, e.id})
-		x.messages--
-		x.bytes -= e.size
-		mb.notifyLocked()
-	}
-	// The order slice keeps the sequence until the head passes it; keep
-	// it from growing without bound when deletions are all interior.
-	if len(x.order) > 1024 && len(x.order) > 2*len(x.bySeq) {
-		x.order = slices.DeleteFunc(x.order, func(s uint64) bool { _, ok := x.bySeq[s]; return !ok })
-	}
-}
-
-func int64cmp(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-func (mb *mailbox) notifyLocked() {
-	if mb.changed != nil {
-		close(mb.changed)
-		mb.changed = nil
-	}
-}
-
-func (e *entry) message() Message {
-	m := Message{UID: e.uid, ID: e.id, Size: e.size, Arrived: time.Unix(0, e.arrived), From: e.from, Summary: e.sum}
-	if len(e.seqs) > 0 {
-		m.Seq = e.seqs[len(e.seqs)-1]
-	}
-	return m
+	return x.cat.CatchUp(ctx)
 }
 
 // Key returns the mailbox key of an address (what List and the others
@@ -506,113 +144,127 @@ func Key(addr string) (string, error) {
 	return a.Key(), nil
 }
 
-// List returns the messages held for a mailbox key, by UID, and the UID
-// the next message will get.
-func (x *Index) List(user string) (msgs []Message, uidNext uint32) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
-		return nil, 1
+func (x *Index) message(user string, m catalog.Message) Message {
+	out := Message{UID: m.UID, ID: m.ID, Size: m.Size, Arrived: m.Arrived, From: m.From}
+	if len(m.Seqs) > 0 {
+		out.Seq = m.Seqs[len(m.Seqs)-1]
 	}
-	msgs = make([]Message, len(mb.entries))
-	for i, e := range mb.entries {
-		msgs[i] = e.message()
-	}
-	return msgs, mb.nextUID
+	out.Summary = x.summary(sumKey{user, m.UID}, m.ID)
+	return out
 }
 
-// UIDs returns the UIDs of a mailbox, ascending, without copying the rest.
-func (x *Index) UIDs(user string) (uids []uint32, uidNext uint32) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
+// List returns the messages held for a mailbox key, by UID, and the UID
+// the next message will get.
+func (x *Index) List(user string) ([]Message, uint32) {
+	msgs, _, err := x.cat.Mailbox(user, 0, 0)
+	if err != nil {
+		x.log.Warn("continuity: listing a mailbox", "user", user, "err", err)
 		return nil, 1
 	}
-	uids = make([]uint32, len(mb.entries))
-	for i, e := range mb.entries {
-		uids[i] = e.uid
+	_, next, err := x.cat.UIDs(user)
+	if err != nil {
+		next = 1
 	}
-	return uids, mb.nextUID
+	out := make([]Message, len(msgs))
+	for i, m := range msgs {
+		out[i] = x.message(user, m)
+	}
+	if n := len(out); n > 0 && next <= out[n-1].UID {
+		next = out[n-1].UID + 1
+	}
+	return out, next
+}
+
+// UIDs returns the UIDs of a mailbox, ascending, and the UID the next
+// message will get.
+func (x *Index) UIDs(user string) ([]uint32, uint32) {
+	uids, next, err := x.cat.UIDs(user)
+	if err != nil {
+		x.log.Warn("continuity: listing a mailbox", "user", user, "err", err)
+		return nil, 1
+	}
+	return uids, next
 }
 
 // Get returns one message of a mailbox by UID. A UID of another mailbox
 // is simply not found: a user can name only what is in their own.
 func (x *Index) Get(user string, uid uint32) (Message, bool) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
+	m, ok, err := x.cat.Message(user, uid)
+	if err != nil {
+		x.log.Warn("continuity: reading a mailbox", "user", user, "err", err)
 		return Message{}, false
 	}
-	i, found := slices.BinarySearchFunc(mb.entries, uid, func(a *entry, uid uint32) int { return int64cmp(int64(a.uid), int64(uid)) })
-	if !found {
+	if !ok {
 		return Message{}, false
 	}
-	return mb.entries[i].message(), true
+	return x.message(user, m), true
 }
 
 // Records returns the sequences of the records holding a message for a
 // mailbox, newest first.
 func (x *Index) Records(user string, uid uint32) []uint64 {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
+	m, ok, err := x.cat.Message(user, uid)
+	if err != nil || !ok {
 		return nil
 	}
-	i, found := slices.BinarySearchFunc(mb.entries, uid, func(a *entry, uid uint32) int { return int64cmp(int64(a.uid), int64(uid)) })
-	if !found {
-		return nil
-	}
-	seqs := slices.Clone(mb.entries[i].seqs)
+	seqs := slices.Clone(m.Seqs)
 	slices.Reverse(seqs)
 	return seqs
 }
 
+// Gone tells the index that a record it listed is no longer in the queue.
+func (x *Index) Gone(seq uint64) { x.cat.Forget(seq) }
+
 // SetSummary caches a message's parsed header.
 func (x *Index) SetSummary(user string, uid uint32, s *Summary) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
+	m, ok, err := x.cat.Message(user, uid)
+	if err != nil || !ok {
 		return
 	}
-	if i, found := slices.BinarySearchFunc(mb.entries, uid, func(a *entry, uid uint32) int { return int64cmp(int64(a.uid), int64(uid)) }); found {
-		mb.entries[i].sum = s
+	k := sumKey{user, uid}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if e, ok := x.cache[k]; ok {
+		x.lru.Remove(e)
 	}
+	x.cache[k] = x.lru.PushFront(&cached{key: k, id: m.ID, sum: s})
+	for x.lru.Len() > x.o.Summaries {
+		old := x.lru.Back()
+		x.lru.Remove(old)
+		delete(x.cache, old.Value.(*cached).key)
+	}
+}
+
+func (x *Index) summary(k sumKey, id string) *Summary {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	e, ok := x.cache[k]
+	if !ok {
+		return nil
+	}
+	c := e.Value.(*cached)
+	if c.id != id {
+		x.lru.Remove(e)
+		delete(x.cache, k)
+		return nil
+	}
+	x.lru.MoveToFront(e)
+	return c.sum
 }
 
 // Watch returns a channel closed at the next change of a mailbox (a
 // message added or removed). IMAP IDLE waits on it.
-func (x *Index) Watch(user string) <-chan struct{} {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	mb := x.mailboxes[user]
-	if mb == nil {
-		mb = &mailbox{nextUID: 1}
-		x.mailboxes[user] = mb
-	}
-	if mb.changed == nil {
-		mb.changed = make(chan struct{})
-	}
-	return mb.changed
-}
+func (x *Index) Watch(user string) <-chan struct{} { return x.cat.Watch(user) }
 
 // Stats describes the index now.
 func (x *Index) Stats() Stats {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	n := 0
-	for _, mb := range x.mailboxes {
-		if len(mb.entries) > 0 {
-			n++
-		}
-	}
-	return Stats{Ready: x.IsReady(), UIDValidity: x.uidv, Mailboxes: n, Messages: x.messages,
-		Records: len(x.bySeq), Bytes: x.bytes, LastSeq: x.lastSeq, LastSync: x.lastSync}
+	st := x.cat.Stats()
+	x.mu.Lock()
+	n := x.lru.Len()
+	x.mu.Unlock()
+	return Stats{Ready: st.Ready, UIDValidity: x.cat.UIDValidity(), Mailboxes: int(st.Mailboxes), Messages: int(st.Messages),
+		Records: int(st.Records - st.Dead), Bytes: int64(st.Bytes), Position: st.Position, Summaries: n, LastSync: st.LastSync}
 }
 
-// ErrNotReady is returned while the initial walk runs.
+// ErrNotReady is returned while the catalog catches up at first start.
 var ErrNotReady = errors.New("the index of held mail is still being built")

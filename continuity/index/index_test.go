@@ -12,8 +12,8 @@ import (
 
 func build(t *testing.T, s *queue.Store) *Index {
 	t.Helper()
-	x := New(s, Options{})
-	if err := x.Build(context.Background()); err != nil {
+	x := New(teststore.Catalog(t, s), s, Options{})
+	if err := x.Sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	return x
@@ -179,26 +179,6 @@ func TestFollowAddRemoveRewrite(t *testing.T) {
 	}
 }
 
-// TestBuildArrivalOrder: at start-up UIDs follow arrival, not the stream:
-// a retried record sits at the end of the stream with its old arrival.
-func TestBuildArrivalOrder(t *testing.T) {
-	s := teststore.New(t, 0)
-	ctx := context.Background()
-	const alice = "alice@example.test"
-	old := teststore.Enqueue(t, s, teststore.Message("old", "1"), alice)
-	newer := teststore.Enqueue(t, s, teststore.Message("newer", "2"), alice)
-	recs := teststore.Records(t, s, old.ID)
-	retry := recs[0].Env.Clone()
-	retry.Gen++
-	if err := s.Rewrite(ctx, recs[0], []queue.Output{{Env: retry}}); err != nil {
-		t.Fatal(err)
-	}
-	x := build(t, s)
-	if got := listed(x, alice); got[1] != old.ID || got[2] != newer.ID {
-		t.Fatalf("UIDs not in arrival order: %v", got)
-	}
-}
-
 // TestLargeMessage: a message stored in chunks is indexed with its size,
 // and removing it (record and chunks) removes it from the view.
 func TestLargeMessage(t *testing.T) {
@@ -219,16 +199,11 @@ func TestLargeMessage(t *testing.T) {
 	}
 }
 
-// TestRunFollows: Run builds, then local writes reach the index through
-// Store.Notify without waiting for the poll.
-func TestRunFollows(t *testing.T) {
+// TestFollows: writes reach the index without a Sync: the catalog follows
+// the stream by itself.
+func TestFollows(t *testing.T) {
 	s := teststore.New(t, 0)
-	x := New(s, Options{PollInterval: time.Hour})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error)
-	go func() { done <- x.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	<-x.Ready()
+	x := New(teststore.Catalog(t, s), s, Options{})
 	w := x.Watch("alice@example.test")
 	env := teststore.Enqueue(t, s, teststore.Message("hi", "1"), "alice@example.test")
 	select {

@@ -100,7 +100,8 @@ func (r *Reader) open(ctx context.Context, user string, uid uint32) (index.Messa
 	for _, seq := range r.idx.Records(user, uid) {
 		rec, err := r.store.Get(ctx, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue // delivered or rewritten since the index last looked
+			r.idx.Gone(seq) // delivered or rewritten since the index last looked
+			continue
 		}
 		if err != nil {
 			return m, nil, fmt.Errorf("reading held message %s: %w", m.ID, err)

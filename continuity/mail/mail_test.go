@@ -21,8 +21,8 @@ func TestOpenOnlyOwnMail(t *testing.T) {
 	s := teststore.New(t, 0)
 	a := teststore.Enqueue(t, s, teststore.Message("for alice", "a"), "alice@example.test")
 	teststore.Enqueue(t, s, teststore.Message("for bob", "b"), "bob@example.test")
-	x := index.New(s, index.Options{})
-	if err := x.Build(context.Background()); err != nil {
+	x := index.New(teststore.Catalog(t, s), s, index.Options{})
+	if err := x.Sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	obs := &counter{}

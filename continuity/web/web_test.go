@@ -46,10 +46,7 @@ type fixture struct {
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	f := &fixture{t: t, store: teststore.New(t, 64<<10), clk: &clock{t: time.Now()}}
-	f.idx = index.New(f.store, index.Options{})
-	if err := f.idx.Build(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	f.idx = index.New(teststore.Catalog(t, f.store), f.store, index.Options{})
 	var lines []string
 	for _, u := range []string{"alice", "bob"} {
 		h, _ := bcrypt.GenerateFromPassword([]byte(u+"-pw"), 4)

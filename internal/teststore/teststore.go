@@ -6,10 +6,12 @@ package teststore
 
 import (
 	"context"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 )
 
 // Start opens a store routing every recipient to the backend "store". mod,
@@ -41,4 +43,31 @@ func Start(t testing.TB, mod func(*queue.Options)) (*queue.Store, *queue.Embedde
 	}
 	t.Cleanup(st.Close)
 	return st, emb
+}
+
+// Catalog runs a catalog of st (queue/catalog) in the test's temporary
+// directory until the test ends, and waits until it is ready. held, if set,
+// says which queue IDs are held.
+func Catalog(t testing.TB, st *queue.Store, held func(id string) bool) *catalog.Catalog {
+	t.Helper()
+	c, err := catalog.Open(context.Background(), st, catalog.Options{Dir: filepath.Join(t.TempDir(), "catalog"), Held: held})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("catalog: %v", err)
+		}
+		c.Close()
+	})
+	select {
+	case <-c.Ready():
+	case <-time.After(30 * time.Second):
+		t.Fatal("catalog not ready after 30 s")
+	}
+	return c
 }

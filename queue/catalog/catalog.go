@@ -88,6 +88,7 @@ type Catalog struct {
 	applied  uint64 // pos as committed, for CatchUp
 	// statsCommitted is stats as committed.
 	statsCommitted Stats
+	lastSync       time.Time
 	progress chan struct{}
 	wake     map[string]chan struct{}
 	added    map[string]Pos // lowest due key added per route since Added
@@ -100,8 +101,9 @@ type Catalog struct {
 // Stats describes the catalog.
 type Stats struct {
 	Ready bool `json:"ready"`
-	// Records counts queued records and dead letters.
+	// Records counts queued records and dead letters, Dead the latter.
 	Records uint64 `json:"records"`
+	Dead    uint64 `json:"dead"`
 	// Mailboxes is how many mailboxes hold mail; Messages counts a
 	// message once per mailbox it is held for, Bytes their sizes.
 	Mailboxes uint64 `json:"mailboxes"`
@@ -109,6 +111,8 @@ type Stats struct {
 	Bytes     uint64 `json:"bytes"`
 	// Position is the next stream sequence the catalog will read.
 	Position uint64 `json:"position"`
+	// LastSync is when the catalog last applied a change.
+	LastSync time.Time `json:"last_sync"`
 }
 
 // Open opens (or creates, or rebuilds) the catalog of store's stream. Run
@@ -205,7 +209,7 @@ func (c *Catalog) doubt(st queue.StreamState) (string, error) {
 	}
 	if ok {
 		d := dec{b: v}
-		c.stats = Stats{Records: d.uv(), Mailboxes: d.uv(), Messages: d.uv(), Bytes: d.uv()}
+		c.stats = Stats{Records: d.uv(), Mailboxes: d.uv(), Messages: d.uv(), Bytes: d.uv(), Dead: d.uv()}
 		if d.err != nil {
 			return "its counters are damaged", nil
 		}
@@ -269,6 +273,7 @@ func (c *Catalog) setMeta(b *pebble.Batch) {
 	e.uv(c.stats.Mailboxes)
 	e.uv(c.stats.Messages)
 	e.uv(c.stats.Bytes)
+	e.uv(c.stats.Dead)
 	b.Set(keyMeta("stats"), e.b, nil)
 }
 
@@ -304,6 +309,7 @@ func (c *Catalog) Stats() Stats {
 	st := c.statsCommitted
 	st.Ready = c.IsReady()
 	st.Position = c.applied
+	st.LastSync = c.lastSync
 	return st
 }
 

@@ -25,23 +25,17 @@ type Due struct {
 	ID string
 }
 
+// DueIn returns up to max records of route due in (lo, hi], in due order,
+// or in reverse order (the latest first).
+func (c *Catalog) DueIn(route string, lo, hi Pos, max int, reverse bool) ([]Due, error) {
+	pre := prefixDue(route)
+	return c.scanDue(pre, append(keyDue(route, lo.Due, lo.Seq), 0), append(keyDue(route, hi.Due, hi.Seq), 0), max, reverse)
+}
+
 // DueAfter returns up to max records of route due after pos and no later
 // than until, in due order.
 func (c *Catalog) DueAfter(route string, after Pos, until time.Time, max int) ([]Due, error) {
-	pre := prefixDue(route)
-	lo := keyDue(route, after.Due, after.Seq)
-	lo = append(lo, 0) // just past after
-	hi := keyDue(route, until.UnixNano(), ^uint64(0))
-	return c.scanDue(pre, lo, hi, max, false)
-}
-
-// DueBefore returns up to max records of route due before pos and after
-// floor, newest first.
-func (c *Catalog) DueBefore(route string, before, floor Pos, max int) ([]Due, error) {
-	pre := prefixDue(route)
-	lo := append(keyDue(route, floor.Due, floor.Seq), 0)
-	hi := keyDue(route, before.Due, before.Seq)
-	return c.scanDue(pre, lo, hi, max, true)
+	return c.DueIn(route, after, Pos{until.UnixNano(), ^uint64(0)}, max, false)
 }
 
 func (c *Catalog) scanDue(pre, lo, hi []byte, max int, reverse bool) ([]Due, error) {

@@ -266,6 +266,9 @@ func (c *Catalog) add(b *pebble.Batch, p *pending, seq uint64, stored time.Time,
 	}
 	b.Set(rk, r.encode(), nil)
 	c.stats.Records++
+	if dead {
+		c.stats.Dead++
+	}
 	return nil
 }
 
@@ -359,6 +362,7 @@ func (c *Catalog) remove(b *pebble.Batch, p *pending, seq uint64) error {
 	b.Delete(keyID(r.id, seq), nil)
 	c.stats.Records--
 	if r.dead {
+		c.stats.Dead--
 		return nil
 	}
 	if r.held {
@@ -569,6 +573,7 @@ func (c *Catalog) commit(b *pebble.Batch, p *pending) error {
 	c.mu.Lock()
 	c.applied = c.pos
 	c.statsCommitted = c.stats
+	c.lastSync = c.o.Now()
 	for route, at := range p.routes {
 		if old, ok := c.added[route]; !ok || at.less(old) {
 			c.added[route] = at

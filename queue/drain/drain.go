@@ -1,13 +1,17 @@
 // Package drain delivers queued mail to the mailbox stores, and protects
 // them while doing so.
 //
-// One route drain runs per backend. It scans the route's records (oldest or
-// newest first), skips what is held or not yet due, and hands the rest to
-// the backend's Deliverer, never faster than the route's governor allows
-// (a token bucket for the rate, a semaphore for the concurrency). A
-// delivery's outcome is written back to the queue before anything else:
-// delivered recipients are removed, temporary failures are rewritten with
-// their next attempt time, permanent failures become dead letters.
+// One route drain runs per backend. It takes the route's records in the
+// order they are due (oldest or newest first) from the node's catalog of the
+// queue (queue/catalog), which keeps held records apart and retries under
+// their next attempt time, so neither is looked at again until it is due:
+// nothing per pass grows with how much mail is held or waiting (pick.go).
+// It reads the records it will deliver from the queue and hands them to the
+// backend's Deliverer, never faster than the route's governor allows (a
+// token bucket for the rate, a semaphore for the concurrency). A delivery's
+// outcome is written back to the queue before anything else: delivered
+// recipients are removed, temporary failures are rewritten with their next
+// attempt time, permanent failures become dead letters.
 //
 // The limits follow the store (ramp.go): they start low, grow while the
 // store stays fast and polite, and shrink when it slows down or refuses
@@ -27,6 +31,7 @@ import (
 	"time"
 
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/delivery"
 	"github.com/mxq-dev/mxq/queue/envelope"
 )
@@ -35,17 +40,25 @@ import (
 type Source interface {
 	QueueSubject(route string) string
 	ReadFrom(ctx context.Context, subject string, seq uint64, max, maxBytes int) ([]queue.Record, uint64, error)
-	Get(ctx context.Context, seq uint64) (queue.Record, error)
 	Body(ctx context.Context, r queue.Record) io.Reader
 	Complete(ctx context.Context, r queue.Record) error
 	Rewrite(ctx context.Context, r queue.Record, outs []queue.Output) error
-	LastSeq(ctx context.Context) (uint64, error)
-	Notify() <-chan struct{}
+}
+
+// Index is the catalog of the queue as the drain uses it
+// (catalog.Catalog): which records of a route are due, in order.
+type Index interface {
+	Ready() <-chan struct{}
+	DueIn(route string, lo, hi catalog.Pos, max int, reverse bool) ([]catalog.Due, error)
+	NextDue(route string, t time.Time) (time.Time, bool, error)
+	Added(route string) (catalog.Pos, bool)
+	Wake(route string) <-chan struct{}
+	Forget(seqs ...uint64)
 }
 
 // Deliverer hands one record to a backend (delivery.Client).
 type Deliverer interface {
-	Deliver(ctx context.Context, env *envelope.Envelope, body io.Reader) ([]delivery.Result, error)
+	DeliverTimed(ctx context.Context, env *envelope.Envelope, body io.Reader) ([]delivery.Result, delivery.Timing, error)
 	Probe(ctx context.Context) error
 }
 
@@ -90,13 +103,11 @@ type Options struct {
 	RetryMax      time.Duration
 	MaxLifetime   time.Duration
 	ProbeInterval time.Duration
-	// PollInterval is how often the stream is checked for mail written
-	// by other nodes (local writes wake the drain at once).
+	// PollInterval is how often an idle route looks at the catalog
+	// without being woken (new records wake it at once).
 	PollInterval time.Duration
-	// RescanInterval is how often a route starts over from the oldest
-	// record, to pick up released holds and anything skipped.
-	RescanInterval time.Duration
-	// Window is how many records one read of the stream returns.
+	// Window is how many records one look at the catalog, and one read of
+	// the stream, covers.
 	Window  int
 	Control Control
 	// Reporter, if set, is told the outcome of every failed recipient, to
@@ -126,13 +137,14 @@ type Metrics interface {
 // Drainer runs one route drain per backend.
 type Drainer struct {
 	src    Source
+	idx    Index
 	o      Options
 	log    *slog.Logger
 	routes []*routeDrain
 }
 
 // New returns a Drainer; Run starts it.
-func New(src Source, o Options) *Drainer {
+func New(src Source, idx Index, o Options) *Drainer {
 	if o.Clock == nil {
 		o.Clock = RealClock
 	}
@@ -148,13 +160,10 @@ func New(src Source, o Options) *Drainer {
 	if o.PollInterval <= 0 {
 		o.PollInterval = 500 * time.Millisecond
 	}
-	if o.RescanInterval <= 0 {
-		o.RescanInterval = time.Minute
-	}
 	if o.ProbeInterval <= 0 {
 		o.ProbeInterval = 10 * time.Second
 	}
-	d := &Drainer{src: src, o: o, log: o.Logger}
+	d := &Drainer{src: src, idx: idx, o: o, log: o.Logger}
 	for _, r := range o.Routes {
 		d.routes = append(d.routes, newRouteDrain(d, r))
 	}
@@ -175,8 +184,10 @@ func (d *Drainer) Run(ctx context.Context) {
 	wg.Wait()
 }
 
-// Kick makes every route start over from its oldest record and retry
-// deferred records now: after a release, a requeue or a resume.
+// Kick wakes every route at once: after a resume. (Released and requeued
+// records are new due keys in the catalog, which wakes the routes itself;
+// records waiting for a retry keep waiting: a kick is not a "retry now",
+// or a million over-quota recipients would all be retried at once.)
 func (d *Drainer) Kick() {
 	for _, rd := range d.routes {
 		select {
@@ -194,7 +205,6 @@ type RouteState struct {
 	MaxRate  float64
 	MaxConc  int
 	InFlight int
-	Deferred int
 	// Counters since start.
 	Delivered   uint64 // deliveries that got a 2xx for every recipient they carried
 	Deferrals   uint64 // deliveries with recipients to try again
@@ -202,6 +212,11 @@ type RouteState struct {
 	Unreachable uint64 // deliveries that did not reach the backend
 	Overloads   uint64 // deliveries that met an overload reply
 	LastError   string
+	// Bottleneck says what limits the drain below its allowed rate: ""
+	// (nothing: the allowance, or no backlog), "store" (the store is
+	// slower than unloaded) or "mxq" (this process: it cannot read the
+	// queue or hand out records as fast as the store takes them).
+	Bottleneck string
 }
 
 // Restore sets a route's ramp state, as persisted by the control plane,

@@ -14,6 +14,7 @@ import (
 	"github.com/mxq-dev/mxq/internal/testbackend"
 	"github.com/mxq-dev/mxq/internal/teststore"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/delivery"
 	"github.com/mxq-dev/mxq/queue/envelope"
 )
@@ -50,6 +51,12 @@ func enqueue(t *testing.T, st *queue.Store, n int, rcpts ...string) []string {
 
 func startDrain(t *testing.T, st *queue.Store, be *testbackend.Server, mod func(*Options)) *Drainer {
 	t.Helper()
+	return startDrainFrom(t, st, st, be, mod)
+}
+
+// startDrainFrom is startDrain reading the queue through src.
+func startDrainFrom(t *testing.T, src Source, st *queue.Store, be *testbackend.Server, mod func(*Options)) *Drainer {
+	t.Helper()
 	cl := delivery.New(delivery.Options{Protocol: "lmtp", Address: be.Addr(), MaxIdle: 4, ConnectTimeout: time.Second, CommandTimeout: 5 * time.Second})
 	o := Options{
 		Routes:        []Route{{Name: "store", Deliverer: cl, Ramp: flatRamp(1000, 4)}},
@@ -62,7 +69,11 @@ func startDrain(t *testing.T, st *queue.Store, be *testbackend.Server, mod func(
 	if mod != nil {
 		mod(&o)
 	}
-	d := New(st, o)
+	var held func(string) bool
+	if o.Control != nil {
+		held = o.Control.Held
+	}
+	d := New(src, teststore.Catalog(t, st, held), o)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { d.Run(ctx); close(done) }()
@@ -229,7 +240,9 @@ func TestDrainHoldAndPause(t *testing.T) {
 	ctl := &holdControl{held: map[string]bool{}, paused: true}
 	idsq := enqueue(t, st, 10, "u@example.test")
 	ctl.held[idsq[3]] = true
-	d := startDrain(t, st, be, func(o *Options) { o.Control = ctl; o.RescanInterval = time.Hour })
+	var idx *catalog.Catalog
+	d := startDrain(t, st, be, func(o *Options) { o.Control = ctl })
+	idx = d.idx.(*catalog.Catalog)
 	time.Sleep(300 * time.Millisecond)
 	if n := be.Count(); n != 0 {
 		t.Fatalf("%d deliveries while paused", n)
@@ -246,6 +259,6 @@ func TestDrainHoldAndPause(t *testing.T) {
 	ctl.mu.Lock()
 	delete(ctl.held, idsq[3])
 	ctl.mu.Unlock()
-	d.Kick()
+	idx.HoldEvent(catalog.OpRelease, idsq[3:4]) // what the control plane does
 	waitFor(t, "released delivered", 10*time.Second, func() bool { return be.Count() == 10 })
 }

@@ -23,7 +23,8 @@ type Reporter interface {
 //
 // ctx is not cancelled by a stopping drain (the outcome must be written);
 // stopping is closed when the drain stops, which shortens the retries.
-func (rd *routeDrain) finish(ctx context.Context, stopping <-chan struct{}, rec queue.Record, results []delivery.Result, unreachable bool, latency time.Duration) {
+func (rd *routeDrain) finish(ctx context.Context, stopping <-chan struct{}, p picked, results []delivery.Result, unreachable bool, latency time.Duration) {
+	rec := p.rec
 	o := &rd.d.o
 	now := o.Clock.Now()
 	env := rec.Env
@@ -48,7 +49,7 @@ func (rd *routeDrain) finish(ctx context.Context, stopping <-chan struct{}, rec 
 			// try it again as soon as the circuit lets us.
 			rd.mu.Lock()
 			delete(rd.inflight, rec.Seq)
-			rd.deferLocked(rec.Seq, now)
+			rd.pick.rewind(p.at)
 			rd.counts.Unreachable++
 			rd.mu.Unlock()
 			rd.metric("unreachable", latency)
@@ -107,7 +108,14 @@ func (rd *routeDrain) finish(ctx context.Context, stopping <-chan struct{}, rec 
 		rd.log.Debug("delivered", "id", env.ID, "rcpts", delivered, "latency", latency.Round(time.Millisecond))
 	}
 	rd.mu.Lock()
-	delete(rd.inflight, rec.Seq)
+	if err == nil {
+		rd.finishedLocked(rec.Seq, o.Clock.Now())
+	} else {
+		// Not recorded: the record is still queued as it was, and will be
+		// delivered again (at least once). Give the queue a moment.
+		delete(rd.inflight, rec.Seq)
+		rd.later[rec.Seq] = laterPick{p.at, o.Clock.Now().Add(o.RetryMin)}
+	}
 	result := "delivered"
 	switch {
 	case len(dead) > 0:
@@ -213,23 +221,4 @@ func errorsOf(results []delivery.Result, idx []int) []string {
 		out[j] = results[i].String()
 	}
 	return out
-}
-
-// deferred is a record waiting for its next attempt.
-type deferred struct {
-	seq uint64
-	due time.Time
-}
-
-type deferHeap []deferred
-
-func (h deferHeap) Len() int           { return len(h) }
-func (h deferHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
-func (h deferHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *deferHeap) Push(x any)        { *h = append(*h, x.(deferred)) }
-func (h *deferHeap) Pop() any {
-	old := *h
-	x := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return x
 }

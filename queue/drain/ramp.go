@@ -102,7 +102,12 @@ type RampState struct {
 
 // Outcome is what the ramp learns from one delivery.
 type Outcome struct {
+	// Latency is the store's own time: waiting for its replies and for
+	// it to take the message.
 	Latency time.Duration
+	// Own is the rest of the delivery's time: mxq's (a new connection,
+	// reading the message from the queue, scheduling).
+	Own time.Duration
 	// Overload: the store answered 421, 451 or 452 4.3.x for a recipient,
 	// or refused the connection as busy.
 	Overload bool

@@ -1,15 +1,16 @@
 package drain
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/delivery"
 )
 
@@ -18,41 +19,60 @@ type routeDrain struct {
 	d       *Drainer
 	r       Route
 	log     *slog.Logger
-	scan    *scanner
 	gov     *governor
 	breaker breaker
 	kick    chan struct{}
-	notify  <-chan struct{}
+	wake    <-chan struct{}
 
 	mu       sync.Mutex
 	ramp     *ramp
+	pick     *picker
 	done     int // deliveries finished in the current tick
-	window   []queue.Record
-	deferred deferHeap
-	isDefer  map[uint64]bool
+	window   []picked
 	inflight map[uint64]bool
-	counts   RouteState // the counters only
-	lastErr  string
-	wg       sync.WaitGroup
+	// recent holds records finished in the last recentTTL: the catalog
+	// hears of a deletion a moment after it, through a tombstone, and a
+	// look at the route meanwhile must not take the record for queued.
+	recent    map[uint64]time.Time
+	recentCut time.Time
+	// later holds records to look at again at a given time: a read of
+	// the queue that failed.
+	later      map[uint64]laterPick
+	counts     RouteState // the counters only
+	lastErr    string
+	bottleneck string
+	wg         sync.WaitGroup
 }
+
+// picked is a record read for delivery, with its place in the due order.
+type picked struct {
+	at  catalog.Pos
+	rec queue.Record
+}
+
+type laterPick struct {
+	at   catalog.Pos
+	when time.Time
+}
+
+// recentTTL is how long a finished record is remembered (see recent).
+const recentTTL = 30 * time.Second
 
 func newRouteDrain(d *Drainer, r Route) *routeDrain {
 	rp := newRamp(r.Ramp, d.o.Clock.Now())
 	return &routeDrain{
-		d:   d,
-		r:   r,
-		log: d.log.With("route", r.Name),
-		scan: &scanner{
-			src: d.src, subject: d.src.QueueSubject(r.Name), newest: d.o.NewestFirst,
-			window: d.o.Window, bytes: 16 << 20,
-		},
+		d:        d,
+		r:        r,
+		log:      d.log.With("route", r.Name),
 		ramp:     rp,
+		pick:     newPicker(d.o.NewestFirst),
 		gov:      newGovernor(rp.st.Rate, rp.st.Concurrency),
 		breaker:  breaker{threshold: 3},
 		kick:     make(chan struct{}, 1),
-		notify:   d.src.Notify(),
-		isDefer:  map[uint64]bool{},
+		wake:     d.idx.Wake(r.Name),
 		inflight: map[uint64]bool{},
+		recent:   map[uint64]time.Time{},
+		later:    map[uint64]laterPick{},
 	}
 }
 
@@ -65,8 +85,8 @@ func (rd *routeDrain) state() RouteState {
 	st.Ramp = rd.ramp.st
 	st.MaxRate, st.MaxConc = rd.ramp.cfg.MaxRate, rd.ramp.cfg.MaxConcurrency
 	st.InFlight = len(rd.inflight)
-	st.Deferred = len(rd.deferred)
 	st.LastError = rd.lastErr
+	st.Bottleneck = rd.bottleneck
 	return st
 }
 
@@ -112,7 +132,11 @@ func (rd *routeDrain) run(ctx context.Context) {
 		stop()
 	}()
 	o := &rd.d.o
-	rescanAt := o.Clock.Now().Add(o.RescanInterval)
+	select {
+	case <-ctx.Done():
+		return
+	case <-rd.d.idx.Ready():
+	}
 	for ctx.Err() == nil {
 		if o.Control != nil && o.Control.Paused(rd.r.Name) {
 			rd.sleep(ctx, o.PollInterval)
@@ -122,11 +146,7 @@ func (rd *routeDrain) run(ctx context.Context) {
 			rd.probe(ctx)
 			continue
 		}
-		if now := o.Clock.Now(); now.After(rescanAt) {
-			rd.scan.rescan()
-			rescanAt = now.Add(o.RescanInterval)
-		}
-		rec, ok, err := rd.next(ctx)
+		p, ok, err := rd.next(ctx)
 		if err != nil {
 			rd.log.Warn("reading the queue", "err", err)
 			rd.sleep(ctx, o.PollInterval)
@@ -137,22 +157,27 @@ func (rd *routeDrain) run(ctx context.Context) {
 			continue
 		}
 		if err := rd.gov.acquire(ctx); err != nil {
-			rd.putBack(rec)
+			rd.putBack(p.at)
 			return
 		}
 		if rd.breaker.isOpen() {
 			// Opened while we waited for a slot: this one waits too.
 			rd.gov.release()
-			rd.putBack(rec)
+			rd.putBack(p.at)
+			continue
+		}
+		if c := o.Control; c != nil && c.Held(p.rec.Env.ID) {
+			// Held while it waited for a slot.
+			rd.gov.release()
 			continue
 		}
 		rd.mu.Lock()
-		rd.inflight[rec.Seq] = true
+		rd.inflight[p.rec.Seq] = true
 		rd.mu.Unlock()
 		rd.wg.Add(1)
 		go func() {
 			defer rd.wg.Done()
-			rd.deliver(ctx, rec)
+			rd.deliver(ctx, p)
 		}()
 	}
 }
@@ -205,106 +230,203 @@ func (rd *routeDrain) control(ctx context.Context) {
 
 func round(f float64) float64 { return float64(int(f*10)) / 10 }
 
-// putBack returns a record taken for delivery that was not delivered.
-func (rd *routeDrain) putBack(rec queue.Record) {
+// putBack returns a record taken for delivery that was not delivered: the
+// picker looks there again.
+func (rd *routeDrain) putBack(at catalog.Pos) {
 	rd.mu.Lock()
-	rd.deferLocked(rec.Seq, rd.d.o.Clock.Now())
+	rd.pick.rewind(at)
 	rd.mu.Unlock()
 }
 
-func (rd *routeDrain) deferLocked(seq uint64, due time.Time) {
-	if rd.isDefer[seq] {
-		return
+// lookLater has the picker look at a record again after wait.
+func (rd *routeDrain) lookLater(seq uint64, at catalog.Pos, wait time.Duration) {
+	rd.mu.Lock()
+	rd.later[seq] = laterPick{at, rd.d.o.Clock.Now().Add(wait)}
+	rd.mu.Unlock()
+}
+
+// finished remembers a record that left the queue. Called with mu held.
+func (rd *routeDrain) finishedLocked(seq uint64, now time.Time) {
+	delete(rd.inflight, seq)
+	rd.recent[seq] = now.Add(recentTTL)
+	if now.After(rd.recentCut) {
+		// Amortized: the map holds what finished in the last recentTTL.
+		for s, until := range rd.recent {
+			if now.After(until) {
+				delete(rd.recent, s)
+			}
+		}
+		rd.recentCut = now.Add(recentTTL / 4)
 	}
-	rd.isDefer[seq] = true
-	heap.Push(&rd.deferred, deferred{seq, due})
 }
 
 // next returns the next record to deliver, or ok=false when nothing is
 // deliverable now.
-func (rd *routeDrain) next(ctx context.Context) (queue.Record, bool, error) {
-	o := &rd.d.o
-	now := o.Clock.Now()
-	// Due retries first: they have waited longest.
-	rd.mu.Lock()
-	for len(rd.deferred) > 0 && !rd.deferred[0].due.After(now) {
-		it := heap.Pop(&rd.deferred).(deferred)
-		delete(rd.isDefer, it.seq)
-		rd.mu.Unlock()
-		rec, err := rd.d.src.Get(ctx, it.seq)
-		rd.mu.Lock()
-		if err != nil {
-			continue // delivered, deleted or rewritten meanwhile
-		}
-		if r, ok := rd.usable(rec, now); ok {
-			rd.mu.Unlock()
-			return r, true, nil
-		}
-	}
-	rd.mu.Unlock()
+func (rd *routeDrain) next(ctx context.Context) (picked, bool, error) {
 	for {
 		rd.mu.Lock()
 		for len(rd.window) > 0 {
-			rec := rd.window[0]
+			p := rd.window[0]
 			rd.window = rd.window[1:]
-			if r, ok := rd.usable(rec, now); ok {
+			if rd.usableLocked(p) {
 				rd.mu.Unlock()
-				return r, true, nil
+				return p, true, nil
 			}
 		}
 		rd.mu.Unlock()
-		if rd.scan.empty() {
-			last, err := rd.d.src.LastSeq(ctx)
-			if err != nil {
-				return queue.Record{}, false, err
-			}
-			rd.scan.extend(last)
-			if rd.scan.empty() {
-				return queue.Record{}, false, nil
-			}
+		dues, err := rd.look()
+		if err != nil || len(dues) == 0 {
+			return picked{}, false, err
 		}
-		recs, err := rd.scan.next(ctx)
+		w, err := rd.read(ctx, dues)
 		if err != nil {
-			return queue.Record{}, false, err
-		}
-		if len(recs) == 0 {
-			return queue.Record{}, false, nil
+			return picked{}, false, err
 		}
 		rd.mu.Lock()
-		rd.window = recs
+		rd.window = w
 		rd.mu.Unlock()
 	}
 }
 
-// usable decides about a record read from the stream. Called with mu held.
-func (rd *routeDrain) usable(rec queue.Record, now time.Time) (queue.Record, bool) {
-	if rd.inflight[rec.Seq] || rd.isDefer[rec.Seq] {
-		return rec, false
+// look asks the catalog for the next records due, as the picker says.
+func (rd *routeDrain) look() ([]catalog.Due, error) {
+	o := &rd.d.o
+	idx := rd.d.idx
+	now := o.Clock.Now()
+	rd.mu.Lock()
+	defer rd.mu.Unlock()
+	if at, ok := idx.Added(rd.r.Name); ok {
+		rd.pick.rewind(at)
+	}
+	for seq, l := range rd.later {
+		if !now.Before(l.when) {
+			rd.pick.rewind(l.at)
+			delete(rd.later, seq)
+		}
+	}
+	rd.pick.advance(now)
+	for !rd.pick.empty() {
+		sp := rd.pick.span()
+		rd.mu.Unlock()
+		dues, err := idx.DueIn(rd.r.Name, sp.lo, sp.hi, o.Window, rd.pick.newest)
+		rd.mu.Lock()
+		if err != nil {
+			return nil, err
+		}
+		var last catalog.Pos
+		if len(dues) > 0 {
+			last = dues[len(dues)-1].Pos
+		}
+		rd.pick.looked(last, len(dues) < o.Window)
+		out := dues[:0]
+		for _, d := range dues {
+			if rd.inflight[d.Seq] || rd.recent[d.Seq].After(now) {
+				continue
+			}
+			if _, ok := rd.later[d.Seq]; ok {
+				continue
+			}
+			if c := o.Control; c != nil && c.Held(d.ID) {
+				continue // the catalog moves it out of the due keys
+			}
+			out = append(out, d)
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
+	}
+	return nil, nil
+}
+
+// read fetches the records of dues with their messages, in dues' order. A
+// record the queue no longer holds is dropped (and the catalog told).
+func (rd *routeDrain) read(ctx context.Context, dues []catalog.Due) ([]picked, error) {
+	want := make(map[uint64]catalog.Due, len(dues))
+	seqs := make([]uint64, 0, len(dues))
+	for _, d := range dues {
+		want[d.Seq] = d
+		seqs = append(seqs, d.Seq)
+	}
+	slices.Sort(seqs)
+	got := make(map[uint64]queue.Record, len(dues))
+	subject := rd.d.src.QueueSubject(rd.r.Name)
+	var gone []uint64
+	for i := 0; i < len(seqs); {
+		// One read covers the wanted records from seqs[i] on, as far as
+		// the records in between allow: due records of a backlog are
+		// mostly consecutive on the route's subject.
+		recs, _, err := rd.d.src.ReadFrom(ctx, subject, seqs[i], len(seqs)-i, 16<<20)
+		if err != nil {
+			if len(got) > 0 {
+				break // deliver what was read; the rest is looked at again
+			}
+			for _, d := range dues {
+				rd.lookLater(d.Seq, d.Pos, rd.d.o.RetryMin)
+			}
+			return nil, err
+		}
+		covered := seqs[i]
+		if len(recs) > 0 {
+			covered = recs[len(recs)-1].Seq
+		}
+		for _, r := range recs {
+			if _, ok := want[r.Seq]; ok {
+				got[r.Seq] = r
+			}
+		}
+		if len(recs) == 0 || len(recs) < len(seqs)-i {
+			// The subject holds nothing more from there: the wanted
+			// records not read are gone.
+			covered = ^uint64(0)
+		}
+		for ; i < len(seqs) && seqs[i] <= covered; i++ {
+			if _, ok := got[seqs[i]]; !ok {
+				gone = append(gone, seqs[i])
+			}
+		}
+	}
+	if len(gone) > 0 {
+		rd.d.idx.Forget(gone...)
+	}
+	out := make([]picked, 0, len(got))
+	for _, d := range dues {
+		if r, ok := got[d.Seq]; ok {
+			out = append(out, picked{d.Pos, r})
+		}
+	}
+	return out, nil
+}
+
+// usableLocked decides about a record read from the queue. Called with mu
+// held.
+func (rd *routeDrain) usableLocked(p picked) bool {
+	rec := p.rec
+	if rd.inflight[rec.Seq] || rd.recent[rec.Seq].After(rd.d.o.Clock.Now()) {
+		return false
 	}
 	if rec.Err != nil {
 		// Never guess at a damaged record: leave it for the operator.
 		rd.log.Error("damaged record left in queue", "seq", rec.Seq, "err", rec.Err)
-		return rec, false
+		return false
 	}
 	if c := rd.d.o.Control; c != nil && c.Held(rec.Env.ID) {
-		return rec, false
+		return false
 	}
-	if rec.Env.NextAttempt.After(now) {
-		rd.deferLocked(rec.Seq, rec.Env.NextAttempt)
-		return rec, false
-	}
-	return rec, true
+	return true
 }
 
-// idle waits for new mail, a due retry, a kick or the poll interval.
+// idle waits for new mail, the next record's due time, a kick or the poll
+// interval.
 func (rd *routeDrain) idle(ctx context.Context) {
 	o := &rd.d.o
+	now := o.Clock.Now()
 	wait := o.PollInterval
+	if at, ok, err := rd.d.idx.NextDue(rd.r.Name, now); err == nil && ok {
+		wait = min(wait, at.Sub(now))
+	}
 	rd.mu.Lock()
-	if len(rd.deferred) > 0 {
-		if until := rd.deferred[0].due.Sub(o.Clock.Now()); until < wait {
-			wait = until
-		}
+	for _, l := range rd.later {
+		wait = min(wait, l.when.Sub(now))
 	}
 	rd.mu.Unlock()
 	if wait <= 0 {
@@ -312,29 +434,16 @@ func (rd *routeDrain) idle(ctx context.Context) {
 	}
 	select {
 	case <-ctx.Done():
-	case <-rd.notify:
+	case <-rd.wake:
 	case <-rd.kick:
-		rd.kicked()
 	case <-o.Clock.After(wait):
 	}
-}
-
-// kicked starts over: everything is looked at again, deferred records now.
-func (rd *routeDrain) kicked() {
-	rd.scan.rescan()
-	rd.mu.Lock()
-	for i := range rd.deferred {
-		rd.deferred[i].due = time.Time{}
-	}
-	heap.Init(&rd.deferred)
-	rd.mu.Unlock()
 }
 
 func (rd *routeDrain) sleep(ctx context.Context, d time.Duration) {
 	select {
 	case <-ctx.Done():
 	case <-rd.kick:
-		rd.kicked()
 	case <-rd.d.o.Clock.After(d):
 	}
 }
@@ -377,25 +486,23 @@ func (rd *routeDrain) setErr(s string) {
 }
 
 // deliver runs one delivery and records its outcome.
-func (rd *routeDrain) deliver(ctx context.Context, rec queue.Record) {
+func (rd *routeDrain) deliver(ctx context.Context, p picked) {
+	rec := p.rec
 	start := rd.d.o.Clock.Now()
 	// A delivery that has started is finished even if the drain is
 	// stopping: cutting it off would only make a duplicate more likely.
 	dctx := context.WithoutCancel(ctx)
-	results, err := rd.r.Deliverer.Deliver(dctx, rec.Env, rd.d.src.Body(dctx, rec))
+	results, timing, err := rd.r.Deliverer.DeliverTimed(dctx, rec.Env, rd.d.src.Body(dctx, rec))
 	latency := rd.d.o.Clock.Now().Sub(start)
 	rd.gov.release()
-	if err != nil && !errors.Is(err, delivery.ErrUnreachable) {
-		// Reading the body failed: a queue problem, not the backend's.
-		// Keep the record as it is and look again later.
-		rd.log.Error("reading message for delivery", "id", rec.Env.ID, "err", err)
-		rd.mu.Lock()
-		delete(rd.inflight, rec.Seq)
-		rd.deferLocked(rec.Seq, rd.d.o.Clock.Now().Add(rd.d.o.RetryMin))
-		rd.mu.Unlock()
+	if errors.Is(err, delivery.ErrSource) {
+		rd.unreadable(dctx, ctx.Done(), p, results, err)
 		return
 	}
-	out := Outcome{Latency: latency, Results: len(results)}
+	// The store's own time is what tells how it is doing; the rest
+	// (opening a connection, reading the message from the queue, this
+	// process's scheduling) is mxq's.
+	out := Outcome{Latency: timing.Store, Own: latency - timing.Store, Results: len(results)}
 	overload := errors.Is(err, delivery.ErrBusy) || errors.Is(err, os.ErrDeadlineExceeded)
 	for _, r := range results {
 		overload = overload || r.Overload()
@@ -419,5 +526,39 @@ func (rd *routeDrain) deliver(ctx context.Context, rec queue.Record) {
 		}
 	}
 	rd.mu.Unlock()
-	rd.finish(dctx, ctx.Done(), rec, results, err != nil, latency)
+	rd.finish(dctx, ctx.Done(), p, results, err != nil, latency)
+}
+
+// unreadable handles a delivery cut off because the message could not be
+// read from the queue. The store got nothing (the transaction was cut
+// before its end). A message whose body is gone for good (a chunk missing)
+// can never be delivered: its recipients are dead-lettered at once, with
+// the reason, and the sender is told, instead of opening the circuit and
+// retrying forever. Any other read error is the queue's passing trouble:
+// the record is looked at again after RetryMin, without counting an
+// attempt, until its lifetime ends.
+func (rd *routeDrain) unreadable(ctx context.Context, stopping <-chan struct{}, p picked, results []delivery.Result, err error) {
+	o := &rd.d.o
+	rec := p.rec
+	now := o.Clock.Now()
+	expired := o.MaxLifetime > 0 && now.Sub(rec.Env.Arrived) > o.MaxLifetime
+	if !errors.Is(err, queue.ErrDamaged) && !expired {
+		rd.log.Warn("reading a message for delivery failed, will retry", "id", rec.Env.ID, "err", err)
+		rd.setErr(err.Error())
+		rd.mu.Lock()
+		delete(rd.inflight, rec.Seq)
+		rd.mu.Unlock()
+		rd.lookLater(rec.Seq, p.at, o.RetryMin)
+		return
+	}
+	rd.log.Error("message lost in the queue, dead-lettered", "id", rec.Env.ID, "err", err)
+	for i := range results {
+		results[i].Code, results[i].Enhanced = 554, "5.3.0"
+		results[i].Text = "message damaged in the relay's queue, not delivered: " + err.Error()
+		if expired && !errors.Is(err, queue.ErrDamaged) {
+			results[i].Code, results[i].Enhanced = 550, "5.4.7"
+			results[i].Text = "delivery time expired, last error: " + err.Error()
+		}
+	}
+	rd.finish(ctx, stopping, p, results, false, 0)
 }

@@ -12,6 +12,7 @@ import (
 
 	store "github.com/mxq-dev/mxq/internal/teststore"
 	"github.com/mxq-dev/mxq/queue"
+	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/envelope"
 )
 
@@ -74,4 +75,11 @@ func Records(t testing.TB, s *queue.Store, id string) []queue.Record {
 		out = append(out, full)
 	}
 	return out
+}
+
+// Catalog runs the node's catalog of s (queue/catalog) for the test and
+// returns it once it has caught up with s.
+func Catalog(t testing.TB, s *queue.Store) *catalog.Catalog {
+	t.Helper()
+	return store.Catalog(t, s, nil)
 }
