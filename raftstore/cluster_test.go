@@ -7,6 +7,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/mxq-dev/mxq/internal/testpki"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -153,8 +154,8 @@ func (c *cluster) converged(leader *Store, d time.Duration) {
 		return true
 	})
 	for _, s := range c.running() {
-		if got := s.State(); !reflect.DeepEqual(got, want) {
-			c.t.Errorf("%s state\n got %+v\nwant %+v", s.o.NodeID, got, want)
+		if got := s.State(); !reflect.DeepEqual(plain(got), plain(want)) {
+			c.t.Errorf("%s state\n got %+v\nwant %+v", s.o.NodeID, plain(got), plain(want))
 		}
 	}
 }
@@ -218,8 +219,8 @@ func TestClusterFailover(t *testing.T) {
 	if leader.o.NodeID == old {
 		t.Fatal("the killed node is still the leader")
 	}
-	if got := leader.State(); !reflect.DeepEqual(got, before) {
-		t.Errorf("state after failover\n got %+v\nwant %+v", got, before)
+	if got := leader.State(); !reflect.DeepEqual(plain(got), plain(before)) {
+		t.Errorf("state after failover\n got %+v\nwant %+v", plain(got), plain(before))
 	}
 
 	// Two of three keep working, through either node, past the old
@@ -442,4 +443,155 @@ func TestReconcileMembership(t *testing.T) {
 	if err := l.Apply(ctxTimeout(t, 5*time.Second), Command{Op: OpResume, By: "t"}); err != nil {
 		t.Fatalf("three remaining members cannot commit: %v", err)
 	}
+}
+
+// holdEvents records each node's OnHolds events.
+type holdEvents struct {
+	mu     sync.Mutex
+	events map[string][]HoldEvent
+}
+
+func (h *holdEvents) record(node string) func(HoldEvent) {
+	return func(ev HoldEvent) {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.events[node] = append(h.events[node], ev)
+	}
+}
+
+func (h *holdEvents) of(node string) []HoldEvent {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]HoldEvent(nil), h.events[node]...)
+}
+
+// TestClusterHoldEvents: every node reports the same hold and release
+// entries, in log order, with their IDs (a bulk hold as the entries it
+// was split into); a node that catches up from the leader's snapshot
+// reports HoldsRestored and then only what comes after it.
+func TestClusterHoldEvents(t *testing.T) {
+	rec := &holdEvents{events: map[string][]HoldEvent{}}
+	c := newCluster(t, 3, func(o *Options) {
+		o.OnHolds = rec.record(o.NodeID)
+		o.SnapshotThreshold, o.TrailingLogs, o.SnapshotInterval = 16, 4, 50*time.Millisecond
+	})
+	for _, id := range c.ids {
+		c.start(id)
+	}
+	leader := c.leader(5 * time.Second)
+	f := c.follower(leader)
+	ctx := ctxTimeout(t, 20*time.Second)
+
+	// Over MaxEntryBytes: two entries. Long IDs keep it to few holds, so
+	// that a follower lagging under -race catches up quickly.
+	bulk := make([]string, 5000)
+	for i := range bulk {
+		bulk[i] = testID(uint64(i), true) + strings.Repeat("-", MaxIDLen-30)
+	}
+	cmds := []struct {
+		via *Store
+		c   Command
+	}{
+		{leader, Command{Op: OpHold, IDs: []string{"A", "B", "C"}, By: "ops"}},
+		{f, Command{Op: OpPause, Route: "store"}},
+		{f, Command{Op: OpRelease, IDs: []string{"B", "never-held"}}},
+		{leader, Command{Op: OpHold, IDs: bulk, By: "bulk"}},
+		{f, Command{Op: OpHold, IDs: []string{"B"}, By: "again"}},
+		{leader, Command{Op: OpRelease, IDs: bulk[:10]}},
+	}
+	var want []HoldEvent
+	for _, cmd := range cmds {
+		cmd.c.At = t0.UTC() // as Apply sets it, so that split cuts where Apply does
+		if err := cmd.via.Apply(ctx, cmd.c); err != nil {
+			t.Fatalf("Apply %s via %s: %v", cmd.c.Op, cmd.via.o.NodeID, err)
+		}
+		if cmd.c.Op == OpHold || cmd.c.Op == OpRelease {
+			for _, part := range split(cmd.c) {
+				want = append(want, HoldEvent{Op: part.Op, IDs: part.IDs})
+			}
+		}
+	}
+	if len(want) != 6 {
+		t.Fatalf("expected the bulk hold in two entries, have %d events", len(want))
+	}
+	c.converged(leader, 10*time.Second)
+	waitFor(t, 5*time.Second, "every node's events", func() bool {
+		for _, id := range c.ids {
+			if len(rec.of(id)) < len(want) {
+				return false
+			}
+		}
+		return true
+	})
+	first := rec.of(c.ids[0])
+	for _, id := range c.ids {
+		got := rec.of(id)
+		if !reflect.DeepEqual(got, first) {
+			t.Errorf("%s's events differ from %s's", id, c.ids[0])
+		}
+		var ops []HoldEvent
+		for i, ev := range got {
+			if i > 0 && ev.Index <= got[i-1].Index {
+				t.Errorf("%s: event %d at index %d after %d", id, i, ev.Index, got[i-1].Index)
+			}
+			op := HoldEvent{Op: ev.Op, IDs: ev.IDs}
+			// Apply retries an entry when leadership changes under it (2
+			// cores, -race), so an entry may come twice, one after the
+			// other; each is an event of its own.
+			if len(ops) > 0 && reflect.DeepEqual(ops[len(ops)-1], op) {
+				continue
+			}
+			ops = append(ops, op)
+		}
+		if !reflect.DeepEqual(ops, want) {
+			t.Errorf("%s: events %s, want the commands' %s", id, summary(got), summary(want))
+		}
+	}
+	if st := leader.State(); st.HoldCount() != 3+len(bulk)-10 || !st.Held("B") {
+		t.Errorf("leader holds %d", st.HoldCount())
+	}
+
+	// A follower misses enough for the leader to compact past it.
+	leader = c.leader(5 * time.Second) // the same, unless an election came in between
+	f = c.follower(leader)
+	gone := f.o.NodeID
+	lastSeen := f.raft.LastIndex()
+	c.kill(gone)
+	for i := range 40 {
+		if err := leader.Apply(ctx, Command{Op: OpHold, IDs: []string{fmt.Sprint("late-", i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "the leader to compact its log past the stopped node", func() bool {
+		first, _ := leader.bolt.FirstIndex()
+		return first > lastSeen+1
+	})
+	before := len(rec.of(gone))
+	c.start(gone)
+	c.converged(leader, 10*time.Second)
+	after := rec.of(gone)[before:]
+	restoredAt := uint64(0)
+	for i, ev := range after {
+		if ev.Op == HoldsRestored && ev.Index > lastSeen {
+			restoredAt = ev.Index
+		}
+		if i > 0 && ev.Index <= after[i-1].Index {
+			t.Errorf("after restart: event at index %d after %d", ev.Index, after[i-1].Index)
+		}
+	}
+	if restoredAt == 0 {
+		t.Fatalf("no HoldsRestored past index %d after restart: %+v", lastSeen, after)
+	}
+	if st := c.node(gone).State(); !st.Held("late-39") || st.HoldCount() != leader.State().HoldCount() {
+		t.Errorf("restarted node holds %d, the leader %d", st.HoldCount(), leader.State().HoldCount())
+	}
+}
+
+// summary is a short form of events for messages: op, index, number of IDs.
+func summary(evs []HoldEvent) string {
+	var b strings.Builder
+	for _, ev := range evs {
+		fmt.Fprintf(&b, "[%s@%d %d IDs]", ev.Op, ev.Index, len(ev.IDs))
+	}
+	return b.String()
 }

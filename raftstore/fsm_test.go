@@ -33,7 +33,7 @@ func applyCmd(t *testing.T, f *fsm, index uint64, c Command) error {
 // stateAfter applies cmds to a fresh FSM, failing on any error.
 func stateAfter(t *testing.T, cmds ...Command) *fsm {
 	t.Helper()
-	f := newFSM(slog.New(slog.DiscardHandler), nil)
+	f := newFSM(slog.New(slog.DiscardHandler), nil, nil)
 	for i, c := range cmds {
 		if err := applyCmd(t, f, uint64(i+1), c); err != nil {
 			t.Fatalf("command %d (%s): %v", i, c.Op, err)
@@ -50,42 +50,59 @@ func TestFSMApply(t *testing.T) {
 	tests := []struct {
 		name string
 		cmds []Command
-		want State
+		want plainState
 	}{
-		{"empty", nil, State{}},
-		{"pause all", []Command{{Op: OpPause, By: "alice"}}, State{Index: 1, Paused: true}},
-		{"pause then resume all", []Command{{Op: OpPause}, {Op: OpResume}}, State{Index: 2}},
+		{"empty", nil, plainState{}},
+		{"pause all", []Command{{Op: OpPause, By: "alice"}}, plainState{Index: 1, Paused: true}},
+		{"pause then resume all", []Command{{Op: OpPause}, {Op: OpResume}}, plainState{Index: 2}},
 		{"pause route", []Command{{Op: OpPause, Route: "store"}},
-			State{Index: 1, Routes: map[string]RouteControl{"store": {Paused: true}}}},
+			plainState{Index: 1, Routes: map[string]RouteControl{"store": {Paused: true}}}},
 		{"resume route removes the empty entry", []Command{{Op: OpPause, Route: "store"}, {Op: OpResume, Route: "store"}},
-			State{Index: 2}},
+			plainState{Index: 2}},
 		{"global resume leaves route pauses", []Command{{Op: OpPause, Route: "a"}, {Op: OpPause}, {Op: OpResume}},
-			State{Index: 3, Routes: map[string]RouteControl{"a": {Paused: true}}}},
+			plainState{Index: 3, Routes: map[string]RouteControl{"a": {Paused: true}}}},
 		{"set_rate", []Command{{Op: OpSetRate, Route: "store", MaxRate: 50, MaxConcurrency: 4}},
-			State{Index: 1, Routes: map[string]RouteControl{"store": {MaxRate: 50, MaxConcurrency: 4}}}},
+			plainState{Index: 1, Routes: map[string]RouteControl{"store": {MaxRate: 50, MaxConcurrency: 4}}}},
 		{"set_rate 0 clears", []Command{{Op: OpSetRate, Route: "store", MaxRate: 50, MaxConcurrency: 4}, {Op: OpSetRate, Route: "store"}},
-			State{Index: 2}},
+			plainState{Index: 2}},
 		{"set_rate keeps pause", []Command{{Op: OpPause, Route: "s"}, {Op: OpSetRate, Route: "s", MaxRate: 1}},
-			State{Index: 2, Routes: map[string]RouteControl{"s": {Paused: true, MaxRate: 1}}}},
+			plainState{Index: 2, Routes: map[string]RouteControl{"s": {Paused: true, MaxRate: 1}}}},
 		{"reset_ramp bumps", []Command{{Op: OpResetRamp, Route: "s"}, {Op: OpResetRamp, Route: "s"}},
-			State{Index: 2, Routes: map[string]RouteControl{"s": {ResetSeq: 2}}}},
+			plainState{Index: 2, Routes: map[string]RouteControl{"s": {ResetSeq: 2}}}},
 		{"set_ramp", []Command{{Op: OpSetRamp, Route: "s", Ramp: ramp}},
-			State{Index: 1, Routes: map[string]RouteControl{"s": {Ramp: &rampUTC}}}},
+			plainState{Index: 1, Routes: map[string]RouteControl{"s": {Ramp: &rampUTC}}}},
 		{"hold", []Command{{Op: OpHold, IDs: []string{"A", "B"}, By: "bob", Reason: "spam?", At: t0}},
-			State{Index: 1, Holds: map[string]Hold{"A": {By: "bob", At: t0.UTC(), Reason: "spam?"}, "B": {By: "bob", At: t0.UTC(), Reason: "spam?"}}}},
+			plainState{Index: 1, Holds: map[string]Hold{"A": {By: "bob", At: t0.UTC(), Reason: "spam?"}, "B": {By: "bob", At: t0.UTC(), Reason: "spam?"}}}},
 		{"hold again overwrites", []Command{{Op: OpHold, IDs: []string{"A"}, By: "bob", At: t0}, {Op: OpHold, IDs: []string{"A"}, By: "eve", At: t0.Add(time.Hour)}},
-			State{Index: 2, Holds: map[string]Hold{"A": {By: "eve", At: t0.Add(time.Hour).UTC()}}}},
+			plainState{Index: 2, Holds: map[string]Hold{"A": {By: "eve", At: t0.Add(time.Hour).UTC()}}}},
 		{"release some, unknown IDs ignored", []Command{{Op: OpHold, IDs: []string{"A", "B"}, At: t0}, {Op: OpRelease, IDs: []string{"B", "Z"}}},
-			State{Index: 2, Holds: map[string]Hold{"A": {At: t0.UTC()}}}},
+			plainState{Index: 2, Holds: map[string]Hold{"A": {At: t0.UTC()}}}},
 		{"release all", []Command{{Op: OpHold, IDs: []string{"A"}, At: t0}, {Op: OpRelease, IDs: []string{"A"}}},
-			State{Index: 2}},
+			plainState{Index: 2}},
+		{"release with nothing held", []Command{{Op: OpRelease, IDs: []string{"A", "B"}}},
+			plainState{Index: 1}},
+		{"an ID twice in one hold", []Command{{Op: OpHold, IDs: []string{"A", "B", "A"}, By: "bob", At: t0}},
+			plainState{Index: 1, Holds: map[string]Hold{"A": {By: "bob", At: t0.UTC()}, "B": {By: "bob", At: t0.UTC()}}}},
+		{"a later hold wins for the IDs it repeats", []Command{
+			{Op: OpHold, IDs: []string{"A", "B"}, By: "bob", Reason: "r1", At: t0},
+			{Op: OpHold, IDs: []string{"B", "C"}, By: "eve", Reason: "r2", At: t0.Add(time.Minute)}},
+			plainState{Index: 2, Holds: map[string]Hold{"A": {By: "bob", At: t0.UTC(), Reason: "r1"},
+				"B": {By: "eve", At: t0.Add(time.Minute).UTC(), Reason: "r2"}, "C": {By: "eve", At: t0.Add(time.Minute).UTC(), Reason: "r2"}}}},
+		{"release then hold again", []Command{
+			{Op: OpHold, IDs: []string{"A"}, By: "bob", At: t0}, {Op: OpRelease, IDs: []string{"A"}},
+			{Op: OpHold, IDs: []string{"A"}, By: "eve", At: t0.Add(time.Hour)}},
+			plainState{Index: 3, Holds: map[string]Hold{"A": {By: "eve", At: t0.Add(time.Hour).UTC()}}}},
+		{"hold and release mixed with other commands", []Command{
+			{Op: OpHold, IDs: []string{"A", "B"}, At: t0}, {Op: OpPause, Route: "s"}, {Op: OpRelease, IDs: []string{"A", "Z"}}},
+			plainState{Index: 3, Routes: map[string]RouteControl{"s": {Paused: true}}, Holds: map[string]Hold{"B": {At: t0.UTC()}}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got := stateAfter(t, tt.cmds...).current()
-			if !reflect.DeepEqual(*got, tt.want) {
-				t.Errorf("state\n got %+v\nwant %+v", *got, tt.want)
+			if !reflect.DeepEqual(plain(got), tt.want) {
+				t.Errorf("state\n got %+v\nwant %+v", plain(got), tt.want)
 			}
+			checkTree(t, &got.holds)
 		})
 	}
 }
@@ -171,7 +188,7 @@ func TestFSMRejectsGarbage(t *testing.T) {
 		"bad header JSON": withHeader(`{"op":`),
 	} {
 		t.Run(name, func(t *testing.T) {
-			f := newFSM(slog.New(slog.DiscardHandler), nil)
+			f := newFSM(slog.New(slog.DiscardHandler), nil, nil)
 			resp := f.Apply(&raft.Log{Index: 1, Data: b})
 			if err, _ := resp.(error); !errors.Is(err, ErrInvalidCommand) {
 				t.Errorf("Apply = %v, want ErrInvalidCommand", resp)
@@ -222,12 +239,12 @@ func TestFSMSnapshotRestore(t *testing.T) {
 	snap.Release()
 
 	var changes int
-	g := newFSM(slog.New(slog.DiscardHandler), func() { changes++ })
+	g := newFSM(slog.New(slog.DiscardHandler), func() { changes++ }, nil)
 	if err := g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
 		t.Fatal(err)
 	}
-	if got := g.current(); !reflect.DeepEqual(got, want) {
-		t.Errorf("restored\n got %+v\nwant %+v", got, want)
+	if got := g.current(); !reflect.DeepEqual(plain(got), plain(want)) {
+		t.Errorf("restored\n got %+v\nwant %+v", plain(got), plain(want))
 	}
 	if changes != 1 {
 		t.Errorf("restore notified %d times, want 1", changes)
@@ -237,8 +254,8 @@ func TestFSMSnapshotRestore(t *testing.T) {
 	if err := h.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
 		t.Fatal(err)
 	}
-	if got := h.current(); !reflect.DeepEqual(got, want) {
-		t.Errorf("restore over a state\n got %+v\nwant %+v", got, want)
+	if got := h.current(); !reflect.DeepEqual(plain(got), plain(want)) {
+		t.Errorf("restore over a state\n got %+v\nwant %+v", plain(got), plain(want))
 	}
 	if err := g.Restore(io.NopCloser(strings.NewReader(`{"version":2,"state":{}}`))); err == nil {
 		t.Errorf("restore of an unknown version succeeded")
@@ -262,6 +279,56 @@ func TestStateQueries(t *testing.T) {
 		}
 	}
 	if !st.Held("A") || st.Held("B") {
-		t.Errorf("Held: %+v", st.Holds)
+		t.Errorf("Held: %+v", plain(st).Holds)
+	}
+}
+
+// TestFSMHoldEvents: every applied hold and release, in order, with the
+// command's IDs and index, once the state shows it; nothing for other or
+// rejected commands; HoldsRestored after a restore.
+func TestFSMHoldEvents(t *testing.T) {
+	var events []HoldEvent
+	var f *fsm
+	f = newFSM(slog.New(slog.DiscardHandler), nil, func(ev HoldEvent) {
+		st := f.current()
+		if st.Index != ev.Index {
+			t.Errorf("%s event for index %d while the state is at %d", ev.Op, ev.Index, st.Index)
+		}
+		for _, id := range ev.IDs {
+			if st.Held(id) != (ev.Op == OpHold) {
+				t.Errorf("%s event for %s before the state shows it", ev.Op, id)
+			}
+		}
+		events = append(events, ev)
+	})
+	for i, c := range []Command{
+		{Op: OpHold, IDs: []string{"A", "B"}},
+		{Op: OpPause},
+		{Op: OpRelease, IDs: []string{"B", "Z"}},
+		{Op: OpHold, IDs: []string{""}}, // rejected
+		{Op: OpHold, IDs: []string{"B", "A"}},
+	} {
+		applyCmd(t, f, uint64(i+1), c)
+	}
+	want := []HoldEvent{
+		{Op: OpHold, IDs: []string{"A", "B"}, Index: 1},
+		{Op: OpRelease, IDs: []string{"B", "Z"}, Index: 3},
+		{Op: OpHold, IDs: []string{"B", "A"}, Index: 5},
+	}
+	if !reflect.DeepEqual(events, want) {
+		t.Errorf("events\n got %+v\nwant %+v", events, want)
+	}
+
+	snap := persist(t, f)
+	applyCmd(t, f, 6, Command{Op: OpRelease, IDs: []string{"A", "B"}})
+	events = nil
+	if err := f.Restore(io.NopCloser(bytes.NewReader(snap))); err != nil {
+		t.Fatal(err)
+	}
+	if want := []HoldEvent{{Op: HoldsRestored, Index: 5}}; !reflect.DeepEqual(events, want) {
+		t.Errorf("events of a restore\n got %+v\nwant %+v", events, want)
+	}
+	if !f.current().Held("A") {
+		t.Error("the restore did not bring the holds back")
 	}
 }

@@ -12,11 +12,16 @@ import (
 // State is the replicated control state. A *State returned by the Store is
 // immutable: it is shared with other readers and with the FSM, so callers
 // must not modify it or its maps.
+//
+// The holds are not a map but a persistent tree shared between successive
+// states (see the package doc); read them with Held, HoldOf, RangeHolds and
+// HoldCount. The JSON of a State has no holds: snapshots write them
+// separately (fsm.go).
 type State struct {
 	Index  uint64                  `json:"index"` // raft index of the last applied command
 	Paused bool                    `json:"paused"`
 	Routes map[string]RouteControl `json:"routes,omitempty"`
-	Holds  map[string]Hold         `json:"holds,omitempty"`
+	holds  holdSet
 }
 
 // RouteControl is the operator's and the drain's control of one backend.
@@ -53,11 +58,37 @@ type Hold struct {
 
 // Held reports whether the message with queue ID id is held.
 func (st *State) Held(id string) bool {
+	return st != nil && st.holds.get(id) != nil
+}
+
+// HoldOf returns the hold of the message with queue ID id.
+func (st *State) HoldOf(id string) (Hold, bool) {
 	if st == nil {
-		return false
+		return Hold{}, false
 	}
-	_, ok := st.Holds[id]
-	return ok
+	if h := st.holds.get(id); h != nil {
+		return *h, true
+	}
+	return Hold{}, false
+}
+
+// HoldCount returns the number of held messages.
+func (st *State) HoldCount() int {
+	if st == nil {
+		return 0
+	}
+	return st.holds.count
+}
+
+// RangeHolds calls fn for every held message in ascending order of ID
+// until fn returns false. It copies nothing: it walks st's own immutable
+// tree, so it sees exactly st's holds however many commands apply
+// meanwhile, and it may take its time.
+func (st *State) RangeHolds(fn func(id string, h Hold) bool) {
+	if st == nil {
+		return
+	}
+	st.holds.each(func(id string, h *Hold) bool { return fn(id, *h) })
 }
 
 // RoutePaused reports whether the drain of route must stand still: paused
@@ -267,26 +298,16 @@ func (st *State) apply(c *Command, index uint64) *State {
 		r.Updated = r.Updated.UTC()
 		route(func(rc *RouteControl) { rc.Ramp = &r })
 	case OpHold:
-		n.Holds = maps.Clone(st.Holds)
-		if n.Holds == nil {
-			n.Holds = make(map[string]Hold, len(c.IDs))
-		}
-		for _, id := range c.IDs {
-			n.Holds[id] = Hold{By: c.By, At: at, Reason: c.Reason}
-		}
+		// One Hold for the whole command, shared by all its IDs: the
+		// audit fields cost once per command, not once per message.
+		n.holds = st.holds.withHeld(c.IDs, &Hold{By: c.By, At: at, Reason: c.Reason})
 	case OpRelease:
-		n.Holds = maps.Clone(st.Holds)
-		for _, id := range c.IDs {
-			delete(n.Holds, id)
-		}
+		n.holds = st.holds.withReleased(c.IDs)
 	}
 	// Empty maps are nil, so that a state and its snapshot round trip are
 	// identical (the snapshot omits empty maps).
 	if len(n.Routes) == 0 {
 		n.Routes = nil
-	}
-	if len(n.Holds) == 0 {
-		n.Holds = nil
 	}
 	return &n
 }

@@ -54,6 +54,14 @@ type Options struct {
 	// checked against their host names.
 	TLS    *tls.Config
 	Logger *slog.Logger // nil: discard
+	// OnHolds, if set, is told of every applied hold and release command,
+	// in log order, once State reflects it, and of every snapshot restore
+	// (Op HoldsRestored: reconcile against the whole set). It runs on
+	// raft's FSM goroutine, which applies nothing else meanwhile: it must
+	// not block (queue the event and return). It runs on every node, and
+	// from inside Open too: a node restores its latest snapshot and
+	// replays the log after it while it starts.
+	OnHolds func(HoldEvent)
 
 	HeartbeatTimeout   time.Duration // default 1s
 	ElectionTimeout    time.Duration // default 1s
@@ -294,7 +302,7 @@ func Open(ctx context.Context, o Options) (_ *Store, err error) {
 		s.log.Info("raftstore: bootstrapped", "node", o.NodeID, "peers", len(peers))
 	}
 
-	s.fsm = newFSM(s.log, s.subs.notify)
+	s.fsm = newFSM(s.log, s.subs.notify, o.OnHolds)
 	s.raft, err = raft.NewRaft(conf, s.fsm, logs, s.bolt, s.snaps, s.trans)
 	if err != nil {
 		return nil, fmt.Errorf("raftstore: start raft: %w", err)

@@ -21,7 +21,7 @@ func testLogger(id string) *slog.Logger {
 }
 
 // freeAddrs returns n loopback addresses with ports free right now.
-func freeAddrs(t *testing.T, n int) []string {
+func freeAddrs(t testing.TB, n int) []string {
 	t.Helper()
 	var addrs []string
 	for range n {
@@ -167,8 +167,8 @@ func TestSingleNodeRestart(t *testing.T) {
 	if !s.IsLeader() {
 		t.Fatal("not leader after restart")
 	}
-	if after := s.State(); !reflect.DeepEqual(after, before) {
-		t.Errorf("state after restart\n got %+v\nwant %+v", after, before)
+	if after := s.State(); !reflect.DeepEqual(plain(after), plain(before)) {
+		t.Errorf("state after restart\n got %+v\nwant %+v", plain(after), plain(before))
 	}
 	if err := s.Apply(ctx, Command{Op: OpResume, Route: "store"}); err != nil {
 		t.Fatal(err)
@@ -255,8 +255,8 @@ func TestSnapshotRestart(t *testing.T) {
 	if err := s.WaitLeader(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := s.State(); !reflect.DeepEqual(got, want) {
-		t.Errorf("state restored from snapshot\n got %+v\nwant %+v", got, want)
+	if got := s.State(); !reflect.DeepEqual(plain(got), plain(want)) {
+		t.Errorf("state restored from snapshot\n got %+v\nwant %+v", plain(got), plain(want))
 	}
 	if got := s.State().Route("r").ResetSeq; got != 10 {
 		t.Errorf("ResetSeq = %d, want 10", got)
@@ -285,13 +285,13 @@ func TestBulkHold(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("held %d IDs in %d entries in %v", len(ids), s.raft.LastIndex()-before, time.Since(start))
-	if n := len(s.State().Holds); n != len(ids) {
+	if n := s.State().HoldCount(); n != len(ids) {
 		t.Errorf("%d held, want %d", n, len(ids))
 	}
 	if err := s.Apply(ctx, Command{Op: OpRelease, IDs: ids}); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(s.State().Holds); n != 0 {
+	if n := s.State().HoldCount(); n != 0 {
 		t.Errorf("%d still held", n)
 	}
 }
