@@ -366,7 +366,7 @@ func even[T any](l, r []T, limit int) ([]T, []T) {
 	case len(l) > half:
 		move := len(l) - half
 		r = room(r, len(r)+move, limit)
-		r = append(r, make([]T, move)...)
+		r = r[:len(r)+move]
 		copy(r[move:], r[:len(r)-move])
 		copy(r, l[half:])
 		clear(l[half:])
