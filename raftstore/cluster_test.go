@@ -480,7 +480,10 @@ func TestClusterHoldEvents(t *testing.T) {
 	}
 	leader := c.leader(5 * time.Second)
 	f := c.follower(leader)
-	ctx := ctxTimeout(t, 20*time.Second)
+	// Generous: entries of a megabyte, an election or two on 2 busy cores
+	// under -race, and a follower that then needs a snapshot.
+	const slow = 30 * time.Second
+	ctx := ctxTimeout(t, 2*slow)
 
 	// Over MaxEntryBytes: two entries. Long IDs keep it to few holds, so
 	// that a follower lagging under -race catches up quickly.
@@ -514,7 +517,7 @@ func TestClusterHoldEvents(t *testing.T) {
 	if len(want) != 6 {
 		t.Fatalf("expected the bulk hold in two entries, have %d events", len(want))
 	}
-	c.converged(leader, 10*time.Second)
+	c.converged(leader, slow)
 	waitFor(t, 5*time.Second, "every node's events", func() bool {
 		for _, id := range c.ids {
 			if len(rec.of(id)) < len(want) {
@@ -568,7 +571,7 @@ func TestClusterHoldEvents(t *testing.T) {
 	})
 	before := len(rec.of(gone))
 	c.start(gone)
-	c.converged(leader, 10*time.Second)
+	c.converged(leader, slow)
 	after := rec.of(gone)[before:]
 	restoredAt := uint64(0)
 	for i, ev := range after {

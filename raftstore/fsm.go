@@ -25,7 +25,10 @@ type HoldEvent struct {
 	// HoldsRestored. The slice is the callee's: the FSM keeps no
 	// reference to it.
 	IDs []string
-	// Index is the raft index of the command, or of the snapshot.
+	// Index is the raft index of the command, or of the snapshot. The
+	// subscriber may handle an event after later commands applied: having
+	// reconciled against a State, it skips the events up to that State's
+	// Index, which the State already reflects.
 	Index uint64
 }
 

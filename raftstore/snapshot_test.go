@@ -83,6 +83,28 @@ func TestOldSnapshot(t *testing.T) {
 	}
 }
 
+// TestSnapshotBytes: states without holds, or with, are written as the
+// old code wrote them.
+func TestSnapshotBytes(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		cmds []Command
+	}{
+		{"empty", nil},
+		{"paused", []Command{{Op: OpPause}}},
+		{"routes", []Command{{Op: OpSetRate, Route: "b<&>", MaxRate: 2}, {Op: OpSetRamp, Route: "b<&>", Ramp: &Ramp{Rate: 1, Updated: t0}}}},
+		{"all released", []Command{{Op: OpHold, IDs: []string{"A"}}, {Op: OpRelease, IDs: []string{"A"}}}},
+		{"holds", []Command{{Op: OpHold, IDs: []string{"B", "A"}, By: "x", At: t0}, {Op: OpHold, IDs: []string{"C\\", "\u2028"}, Reason: "\u00e9\t"}}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := stateAfter(t, tt.cmds...)
+			if got, want := persist(t, f), oldEncoding(t, plain(f.current())); !bytes.Equal(got, want) {
+				t.Errorf("wrote\n%s\nthe old code\n%s", got, want)
+			}
+		})
+	}
+}
+
 // TestReadSnapshot covers what json.Decoder accepted (or refused) when
 // snapshots were decoded into the old State in one go.
 func TestReadSnapshot(t *testing.T) {

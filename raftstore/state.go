@@ -16,7 +16,7 @@ import (
 // The holds are not a map but a persistent tree shared between successive
 // states (see the package doc); read them with Held, HoldOf, RangeHolds and
 // HoldCount. The JSON of a State has no holds: snapshots write them
-// separately (fsm.go).
+// separately (snapshot.go).
 type State struct {
 	Index  uint64                  `json:"index"` // raft index of the last applied command
 	Paused bool                    `json:"paused"`

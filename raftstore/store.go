@@ -58,9 +58,9 @@ type Options struct {
 	// in log order, once State reflects it, and of every snapshot restore
 	// (Op HoldsRestored: reconcile against the whole set). It runs on
 	// raft's FSM goroutine, which applies nothing else meanwhile: it must
-	// not block (queue the event and return). It runs on every node, and
-	// from inside Open too: a node restores its latest snapshot and
-	// replays the log after it while it starts.
+	// not block (queue the event and return). It runs on every node, from
+	// the start: a node with a snapshot restores it inside Open (an event
+	// before Open returns), then replays the log after it.
 	OnHolds func(HoldEvent)
 
 	HeartbeatTimeout   time.Duration // default 1s
