@@ -70,6 +70,7 @@ func (s *Server) Status(ctx context.Context) (*Status, error) {
 			b.BaselineMS = float64(rs.Ramp.Baseline.Microseconds()) / 1000
 			b.Delivered, b.Deferrals, b.Bounces, b.Unreachable, b.Overloads = rs.Delivered, rs.Deferrals, rs.Bounces, rs.Unreachable, rs.Overloads
 			b.LastError = rs.LastError
+			b.Bottleneck = rs.Bottleneck
 		}
 		if b.Queued > 0 {
 			if at, err := s.store.OldestArrival(ctx, name); err == nil && !at.IsZero() {

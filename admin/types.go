@@ -66,6 +66,9 @@ type BackendStatus struct {
 	Unreachable      uint64  `json:"unreachable"`
 	Overloads        uint64  `json:"overloads"`
 	LastError        string  `json:"last_error,omitempty"`
+	// Bottleneck is what limits the drain below its allowed rate:
+	// "store", "mxq" (this process: CPU, reading the queue), or empty.
+	Bottleneck string `json:"bottleneck,omitempty"`
 }
 
 // Item is a queued record in a listing.

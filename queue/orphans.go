@@ -30,18 +30,22 @@ type Orphans struct {
 // its chunks), but each holds up to the size limit of stream space until
 // removed, and a full stream refuses mail.
 //
-// Call it before this node accepts or delivers mail: chunks this node
-// wrote in an earlier life cannot belong to an upload still in progress.
-// Chunks written by other nodes might (a cluster shares the stream), so
-// with anyOrigin false only chunks whose Mxq-Origin is this Store's Origin
-// are candidates; a single node with its own stream passes true and also
-// collects what it wrote under another name. The scan of records runs on
+// Only chunks stored at sequences up to before are candidates: the node
+// notes the stream's last sequence at start, before it accepts or delivers
+// anything, and collects in the background afterwards. A chunk this node
+// wrote in an earlier life cannot belong to an upload still in progress,
+// while one stored since may (a large message arriving now, the copy of a
+// body the drain is rewriting). Chunks written by other nodes might too (a
+// cluster shares the stream), so with anyOrigin false only chunks whose
+// Mxq-Origin is this Store's Origin are candidates; a single node with its
+// own stream passes true and also collects what it wrote under another
+// name. The scan of records runs on
 // to the end of the stream until no new record appears, because another
 // node's rewrite appends a record's replacement before deleting it: a
 // reference can move ahead of the scan but never vanish from it. A damaged
 // record, whose body token cannot be read, stops the collection: nothing is
 // removed that it might name.
-func (s *Store) CollectOrphans(ctx context.Context, anyOrigin bool) (Orphans, error) {
+func (s *Store) CollectOrphans(ctx context.Context, anyOrigin bool, before uint64) (Orphans, error) {
 	var out Orphans
 	cp := s.prefix + ".c."
 	chunks, bytesBefore, err := s.subjects(ctx, cp+">")
@@ -85,17 +89,18 @@ func (s *Store) CollectOrphans(ctx context.Context, anyOrigin bool) (Orphans, er
 		if used[token] {
 			continue
 		}
-		if !anyOrigin {
-			m, err := s.stream.GetLastMsgForSubject(ctx, subj)
-			if err != nil {
-				if gone(err) {
-					continue
-				}
-				return out, fmt.Errorf("orphan chunks: %w", err)
-			}
-			if m.Header.Get(hdrOrigin) != s.o.Origin || s.o.Origin == "" {
+		m, err := s.stream.GetLastMsgForSubject(ctx, subj)
+		if err != nil {
+			if gone(err) {
 				continue
 			}
+			return out, fmt.Errorf("orphan chunks: %w", err)
+		}
+		if m.Sequence > before {
+			continue // stored since the start: an upload may be under way
+		}
+		if !anyOrigin && (m.Header.Get(hdrOrigin) != s.o.Origin || s.o.Origin == "") {
+			continue
 		}
 		if err := s.purgeChunks(ctx, token); err != nil {
 			return out, fmt.Errorf("orphan chunks: %w", err)

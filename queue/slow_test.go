@@ -156,7 +156,7 @@ func TestCollectOrphansOverSlowServerKeepsQueuedChunks(t *testing.T) {
 		t.Fatal(err)
 	}
 	slow := slowStore(t, s, emb, 1700*time.Millisecond, nil)
-	got, err := slow.CollectOrphans(ctx, true)
+	got, err := slow.CollectOrphans(ctx, true, ^uint64(0))
 	if err != nil && !errors.Is(err, ErrIncomplete) {
 		t.Fatalf("collect: %v", err)
 	}

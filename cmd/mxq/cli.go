@@ -139,6 +139,9 @@ func (c *cli) printStatus(st *admin.Status) {
 		if b.LastError != "" && b.Circuit == "open" {
 			fmt.Fprintf(c.out, "\n%s: last error: %s\n", b.Name, b.LastError)
 		}
+		if b.Bottleneck == "mxq" {
+			fmt.Fprintf(c.out, "\n%s: the drain is limited by mxq itself (CPU, or reading the queue), not by the store\n", b.Name)
+		}
 	}
 }
 

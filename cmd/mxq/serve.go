@@ -171,6 +171,13 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
+	// Chunks stored up to here were written by an earlier life of this
+	// node (or others): the candidates for orphan collection.
+	orphansBefore, err := store.LastSeq(ctx)
+	if err != nil {
+		store.Close()
+		return err
+	}
 	if emb != nil && cfg.Queue.Replicas == 1 {
 		if dir := stageBatches(log, cfg, emb); dir != "" && cfg.Queue.BatchStaging == "auto" {
 			// After a clean stop no batch is in flight: leave no trace in
@@ -372,7 +379,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- rl.Serve(ln) }()
 	// Work that does not bound the first 250: after SMTP opens.
-	go collectOrphans(drainCtx, log, store, emb != nil && !cfg.Clustered())
+	go collectOrphans(drainCtx, log, store, emb != nil && !cfg.Clustered(), orphansBefore)
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
 		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0))
 
@@ -446,9 +453,9 @@ func stageBatches(log *slog.Logger, cfg *config.Config, emb *queue.Embedded) str
 // node alone on its embedded stream owns every chunk in it; otherwise only
 // those it wrote itself. Failing is not fatal: the space stays taken until
 // the next start, no mail is at stake.
-func collectOrphans(ctx context.Context, log *slog.Logger, store *queue.Store, alone bool) {
+func collectOrphans(ctx context.Context, log *slog.Logger, store *queue.Store, alone bool, before uint64) {
 	start := time.Now()
-	got, err := store.CollectOrphans(ctx, alone)
+	got, err := store.CollectOrphans(ctx, alone, before)
 	switch {
 	case err != nil:
 		log.Warn("orphan chunks left in the stream", "err", err)

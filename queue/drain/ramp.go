@@ -137,6 +137,14 @@ type ramp struct {
 	lastThroughput float64
 	// slowRun counts the slow ticks in a row (see SlowTicks).
 	slowRun int
+	// slots samples each delivery's whole time (the store's and mxq's):
+	// how long it holds a slot; slotMedians and slotBase are its window
+	// and its lowest median, the slot time when nothing queues.
+	slots       []time.Duration
+	slotMedians [40]time.Duration
+	slotBase    time.Duration
+	// bottleneck is what the last judged tick found limiting the drain.
+	bottleneck string
 }
 
 func newRamp(cfg RampConfig, now time.Time) *ramp {
@@ -152,6 +160,8 @@ func (r *ramp) reset(now time.Time) {
 		Phase: PhaseSlowStart, SSThresh: r.cfg.MaxRate, Updated: now,
 	}
 	r.medians = [40]time.Duration{}
+	r.slotMedians = [40]time.Duration{}
+	r.slotBase = 0
 	r.slowRun = 0
 	r.clearTick()
 }
@@ -165,6 +175,7 @@ func (r *ramp) restore(st RampState) {
 func (r *ramp) clearTick() {
 	r.n, r.over, r.results = 0, 0, 0
 	r.lats = r.lats[:0]
+	r.slots = r.slots[:0]
 }
 
 // observe records one delivery.
@@ -176,6 +187,7 @@ func (r *ramp) observe(o Outcome) {
 	}
 	if len(r.lats) < 1024 {
 		r.lats = append(r.lats, o.Latency)
+		r.slots = append(r.slots, o.Latency+o.Own)
 	}
 	// The average follows each delivery, so a tick sees fresh values.
 	const alpha = 0.2
@@ -197,10 +209,17 @@ const (
 )
 
 // Demand says which limits held deliveries back during a tick: only a
-// limit that was reached is worth raising.
+// limit that was reached is worth raising. Idle says the drain ran out of
+// records due during the tick: what it delivered was all there was.
 type Demand struct {
-	Rate, Slots bool
+	Rate, Slots, Idle bool
 }
+
+// Bottlenecks a tick can find (RouteState.Bottleneck).
+const (
+	BottleneckStore = "store"
+	BottleneckMxq   = "mxq"
+)
 
 // tick judges the interval that just ended: d is which limits were reached,
 // throughput the deliveries per second completed. It returns what it did.
@@ -222,16 +241,41 @@ func (r *ramp) tick(now time.Time, d Demand, throughput float64) verdict {
 			r.st.Baseline = m
 		}
 	}
+	if len(r.slots) > 0 {
+		slices.Sort(r.slots)
+		r.slotMedians[(r.mi-1)%len(r.slotMedians)] = r.slots[len(r.slots)/2]
+	}
+	r.slotBase = 0
+	for _, m := range r.slotMedians {
+		if m > 0 && (r.slotBase == 0 || m < r.slotBase) {
+			r.slotBase = m
+		}
+	}
 	if r.results >= r.cfg.OpenMin && float64(r.over) >= r.cfg.OpenShare*float64(r.results) {
 		return verdictOpen
 	}
 	// Saturated: the drain wanted more than it got through, with as many
 	// deliveries in flight as the rate needs at the store's unloaded
-	// latency: the store takes longer per message than it did unloaded,
-	// and more concurrency would only queue more work in it.
-	saturated := r.n >= r.cfg.MinSample && d.Slots && r.st.Concurrency >= r.needed() &&
-		throughput < r.cfg.SaturationShare*r.st.Rate
+	// latency, and the store itself answers slower than unloaded: it
+	// takes longer per message, and more concurrency would only queue more
+	// work in it. The store's own time is what is judged (its replies,
+	// taking the message), never mxq's: when this process is short of CPU
+	// or slow to read the queue, its deliveries take longer, the store
+	// does not, and cutting the rate would only slow the drain further.
+	short := r.n >= r.cfg.MinSample && throughput < r.cfg.SaturationShare*r.st.Rate
+	storeSlower := r.st.Baseline > 0 && median > r.st.Baseline*3/2
+	saturated := short && d.Slots && r.st.Concurrency >= r.needed() && storeSlower
 	slow := median > r.cfg.LatencyTarget || saturated
+	switch {
+	case slow || r.over > 0:
+		r.bottleneck = BottleneckStore
+	case short && !d.Rate && !d.Idle:
+		// Neither the allowance nor the backlog held it back, and the
+		// store is as fast as unloaded: mxq is what limits the drain.
+		r.bottleneck = BottleneckMxq
+	default:
+		r.bottleneck = ""
+	}
 	if slow {
 		r.slowRun++
 	} else {
@@ -325,9 +369,10 @@ func (r *ramp) overloaded(now time.Time) bool {
 // not grow the concurrency.
 func (r *ramp) needed() int { return r.neededAt(r.st.Rate) }
 
-// neededAt is needed for an allowed rate of rate.
+// neededAt is needed for an allowed rate of rate. A slot is held for the
+// whole delivery, mxq's part included, so the unloaded slot time counts.
 func (r *ramp) neededAt(rate float64) int {
-	lat := r.st.Baseline
+	lat := max(r.slotBase, r.st.Baseline)
 	if lat <= 0 {
 		lat = r.st.Latency
 	}

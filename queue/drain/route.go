@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mxq-dev/mxq/queue"
@@ -41,6 +42,7 @@ type routeDrain struct {
 	counts     RouteState // the counters only
 	lastErr    string
 	bottleneck string
+	idled      atomic.Bool // went idle (nothing due) during the tick
 	wg         sync.WaitGroup
 }
 
@@ -198,6 +200,7 @@ func (rd *routeDrain) control(ctx context.Context) {
 		}
 		now := o.Clock.Now()
 		demand := rd.gov.takeDemand()
+		demand.Idle = rd.idled.Swap(false)
 		rd.mu.Lock()
 		if rd.breaker.isOpen() {
 			rd.done = 0
@@ -216,6 +219,20 @@ func (rd *routeDrain) control(ctx context.Context) {
 				rd.log.Warn("backend refuses most work, circuit opened; probing every "+o.ProbeInterval.String(), "throughput", tp)
 			}
 			continue
+		}
+		if b := rd.ramp.bottleneck; b != rd.bottleneck {
+			switch b {
+			case BottleneckMxq:
+				rd.log.Warn("the drain is limited by mxq itself (CPU or reading the queue), not by the store; rate kept",
+					"rate", round(rd.ramp.st.Rate), "throughput", round(tp), "store_latency", rd.ramp.st.Latency.Round(10*time.Microsecond))
+			case BottleneckStore:
+				rd.log.Info("the drain is limited by the store", "throughput", round(tp))
+			default:
+				if rd.bottleneck == BottleneckMxq {
+					rd.log.Info("mxq no longer limits the drain", "throughput", round(tp))
+				}
+			}
+			rd.bottleneck = b
 		}
 		if v == verdictShrink {
 			rd.log.Info("backend struggling, slowing down", "rate", round(rd.ramp.st.Rate), "concurrency", rd.ramp.st.Concurrency,
@@ -418,6 +435,7 @@ func (rd *routeDrain) usableLocked(p picked) bool {
 // idle waits for new mail, the next record's due time, a kick or the poll
 // interval.
 func (rd *routeDrain) idle(ctx context.Context) {
+	rd.idled.Store(true)
 	o := &rd.d.o
 	now := o.Clock.Now()
 	wait := o.PollInterval
