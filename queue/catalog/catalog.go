@@ -84,18 +84,18 @@ type Catalog struct {
 	pos   uint64 // next sequence to apply
 	stats Stats
 
-	mu       sync.Mutex
-	applied  uint64 // pos as committed, for CatchUp
+	mu      sync.Mutex
+	applied uint64 // pos as committed, for CatchUp
 	// statsCommitted is stats as committed.
 	statsCommitted Stats
 	lastSync       time.Time
-	progress chan struct{}
-	wake     map[string]chan struct{}
-	added    map[string]Pos // lowest due key added per route since Added
-	watch    map[string]chan struct{}
-	events   []event
-	eventsCh chan struct{}
-	closed   bool
+	progress       chan struct{}
+	wake           map[string]chan struct{}
+	added          map[string]Pos // lowest due key added per route since Added
+	watch          map[string]chan struct{}
+	events         []event
+	eventsCh       chan struct{}
+	closed         bool
 }
 
 // Stats describes the catalog.
@@ -316,7 +316,9 @@ func (c *Catalog) Stats() Stats {
 // pebbleLogger sends Pebble's chatter to the debug level.
 type pebbleLogger struct{ l *slog.Logger }
 
-func (p pebbleLogger) Infof(format string, args ...any) { p.l.Debug(fmt.Sprintf("pebble: "+format, args...)) }
+func (p pebbleLogger) Infof(format string, args ...any) {
+	p.l.Debug(fmt.Sprintf("pebble: "+format, args...))
+}
 func (p pebbleLogger) Errorf(format string, args ...any) {
 	p.l.Warn(fmt.Sprintf("pebble: "+format, args...))
 }
