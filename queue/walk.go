@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/synadia-io/orbit.go/jetstreamext"
 
@@ -45,13 +46,12 @@ var ErrIncomplete = errors.New("walk of the queue incomplete")
 // returns an error (ErrStop for a clean stop). It returns the sequence to
 // start from to continue.
 //
-// The end is known, never guessed: a fetch that brings nothing is not
-// taken for the end of the records (a slow server, or a reply that arrived
-// after the client stopped waiting, looks exactly like that); the stream
-// leader is asked whether any matching record remains up to the end, and
-// only its "none" ends the walk. While it says there are more, the walk
-// waits longer for each fetch; if it makes no progress for
-// walkStallLimit × the store's timeout, it fails with ErrIncomplete.
+// The end is known, never guessed: a wait that brings nothing is not taken
+// for the end of the records (a slow server looks exactly like that); the
+// stream leader is asked whether any matching record remains up to the
+// end, and only its "none" ends the walk. While it says there are more,
+// the walk waits longer; if it makes no progress for walkStallLimit × the
+// store's timeout, it fails with ErrIncomplete.
 func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) error) (next uint64, err error) {
 	if from == 0 {
 		from = 1
@@ -75,22 +75,23 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 	if err != nil {
 		return next, fmt.Errorf("walking the queue: %w", err)
 	}
+	// One consumer streams the records with flow control; the ordered
+	// consumer starts over by itself after the last record it delivered
+	// when it misses one, so nothing is skipped.
+	it, err := cons.Messages(jetstream.PullMaxMessages(1024))
+	if err != nil {
+		return next, fmt.Errorf("walking the queue: %w", err)
+	}
+	defer it.Stop()
 	wait := walkFirstWait
 	progress := time.Now()
 	for {
 		if err := ctx.Err(); err != nil {
 			return next, err
 		}
-		// Each fetch of an ordered consumer starts after the last record
-		// it delivered, so records whose delivery was lost to a short
-		// wait are fetched again, never skipped.
-		batch, err := cons.Fetch(512, jetstream.FetchMaxWait(wait))
-		if err != nil {
-			return next, fmt.Errorf("walking the queue: %w", err)
-		}
-		n := 0
-		for m := range batch.Messages() {
-			n++
+		m, err := it.Next(jetstream.NextMaxWait(wait))
+		if err == nil {
+			progress = time.Now()
 			md, err := m.Metadata()
 			if err != nil {
 				return next, err
@@ -112,13 +113,10 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 			if md.NumPending == 0 || r.Seq >= last {
 				return next, nil
 			}
-		}
-		if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && !errors.Is(err, context.DeadlineExceeded) {
-			return next, fmt.Errorf("walking the queue: %w", err)
-		}
-		if n > 0 {
-			progress = time.Now()
 			continue
+		}
+		if !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
+			return next, fmt.Errorf("walking the queue: %w", err)
 		}
 		// Nothing came. The end, or a server slower than the wait?
 		more, err := s.remains(ctx, subject, next, last)
@@ -136,8 +134,8 @@ func (s *Store) Walk(ctx context.Context, k Kind, from uint64, fn func(Record) e
 	}
 }
 
-// How long Walk's first fetch waits, and how many store timeouts without a
-// record it tolerates while the leader says more remain.
+// How long Walk first waits for a record, and how many store timeouts
+// without one it tolerates while the leader says more remain.
 const (
 	walkFirstWait  = 500 * time.Millisecond
 	walkStallLimit = 3
