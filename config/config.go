@@ -1046,8 +1046,8 @@ type Continuity struct {
 	Enabled bool `mapstructure:"enabled"`
 	// Folder is the one IMAP folder the held mail appears in.
 	Folder string `mapstructure:"folder"`
-	// PollInterval is how often the index looks for records written or
-	// removed by other nodes (local writes are seen at once).
+	// PollInterval is no longer used: the catalog of the queue follows
+	// the stream by itself. Accepted so that older files still load.
 	PollInterval time.Duration  `mapstructure:"poll_interval"`
 	IMAP         ContinuityIMAP `mapstructure:"imap"`
 	Web          ContinuityWeb  `mapstructure:"web"`
