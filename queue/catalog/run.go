@@ -61,8 +61,47 @@ func (c *Catalog) push(ev event) {
 const applyBatch = 512
 
 // Run follows the stream and applies hold events until ctx ends. It
-// reconciles the held keys with the control state first.
+// reconciles the held keys with the control state first. When the database
+// fails a write (a full disk), it starts over a moment later from what was
+// committed: the catalog lags meanwhile, and no reader trusts it blindly.
 func (c *Catalog) Run(ctx context.Context) error {
+	for {
+		err := c.run(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		c.log.Error("catalog of the queue: a write failed, starting over from what was committed", "err", err)
+		sleep(ctx, 5*time.Second)
+		if err := c.reload(); err != nil {
+			return err
+		}
+	}
+}
+
+// reload sets the in-memory state back to what the database holds.
+func (c *Catalog) reload() error {
+	pos, ok, err := c.metaU64("pos")
+	if err != nil || !ok {
+		return fmt.Errorf("catalog: reading its position: %v", err)
+	}
+	v, ok, err := c.get(keyMeta("stats"))
+	if err != nil {
+		return err
+	}
+	if ok {
+		d := dec{b: v}
+		c.stats = Stats{Records: d.uv(), Mailboxes: d.uv(), Messages: d.uv(), Bytes: d.uv(), Dead: d.uv()}
+	}
+	c.pos = pos
+	c.mu.Lock()
+	c.applied, c.statsCommitted = pos, c.stats
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *Catalog) run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	msgs := make(chan jetstream.Msg, 4*applyBatch)
 	ferr := make(chan error, 1)
 	go func() { ferr <- c.follow(ctx, c.pos, msgs) }()
@@ -76,6 +115,9 @@ func (c *Catalog) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case err := <-ferr:
+			if err == nil {
+				err = errors.New("following the stream stopped")
+			}
 			return err
 		case m := <-msgs:
 			if err := c.applyMsgs(m, msgs); err != nil {
@@ -495,7 +537,7 @@ func (c *Catalog) applyEvents() error {
 		return nil
 	}
 	b := c.db.NewIndexedBatch()
-	defer b.Close()
+	defer func() { b.Close() }()
 	var p pending
 	for _, ev := range evs {
 		var err error
@@ -513,7 +555,7 @@ func (c *Catalog) applyEvents() error {
 				}
 			}
 		case OpRestored:
-			err = c.reconcile(b, &p, ev.at)
+			err = c.reconcile(&b, &p, ev.at)
 		case opForget:
 			for _, seq := range ev.seqs {
 				if err = c.remove(b, &p, seq); err != nil {
@@ -531,25 +573,45 @@ func (c *Catalog) applyEvents() error {
 // reconcile makes the held keys agree with the control state as it is now:
 // held keys of IDs no longer held are released, due keys of held IDs held.
 // It costs a look at every held key and every held ID: once at start, and
-// after the control state was replaced whole.
-func (c *Catalog) reconcile(b *pebble.Batch, p *pending, now time.Time) error {
-	it, err := b.NewIter(&pebble.IterOptions{LowerBound: []byte{spHeld}, UpperBound: []byte{spHeld + 1}})
+// after the control state was replaced whole. It commits every
+// reconcileBatch IDs, so that a million holds do not make one batch of a
+// million changes in memory.
+func (c *Catalog) reconcile(bp **pebble.Batch, p *pending, now time.Time) error {
+	n := 0
+	step := func() error {
+		if n++; n%reconcileBatch != 0 {
+			return nil
+		}
+		if err := c.commit(*bp, p); err != nil {
+			return err
+		}
+		(*bp).Close()
+		*bp = c.db.NewIndexedBatch()
+		*p = pending{}
+		return nil
+	}
+	var free []string
+	var last string
+	it, err := c.db.NewIter(&pebble.IterOptions{LowerBound: []byte{spHeld}, UpperBound: []byte{spHeld + 1}})
 	if err != nil {
 		return fmt.Errorf("catalog: %w", err)
 	}
-	var free []string
 	for ok := it.First(); ok; ok = it.Next() {
 		k := it.Key()
 		id := string(k[1 : len(k)-9])
-		if (c.o.Held == nil || !c.o.Held(id)) && (len(free) == 0 || free[len(free)-1] != id) {
+		if id != last && (c.o.Held == nil || !c.o.Held(id)) {
 			free = append(free, id)
 		}
+		last = id
 	}
 	if err := it.Close(); err != nil {
 		return fmt.Errorf("catalog: %w", err)
 	}
 	for _, id := range free {
-		if err := c.release(b, p, id, now); err != nil {
+		if err := c.release(*bp, p, id, now); err != nil {
+			return err
+		}
+		if err := step(); err != nil {
 			return err
 		}
 	}
@@ -558,11 +620,16 @@ func (c *Catalog) reconcile(b *pebble.Batch, p *pending, now time.Time) error {
 	}
 	var herr error
 	c.o.RangeHolds(func(id string) bool {
-		herr = c.hold(b, id)
+		if herr = c.hold(*bp, id); herr == nil {
+			herr = step()
+		}
 		return herr == nil
 	})
 	return herr
 }
+
+// reconcileBatch is how many IDs reconcile handles per commit.
+const reconcileBatch = 10000
 
 // commit writes the batch with the catalog's state and tells the readers.
 func (c *Catalog) commit(b *pebble.Batch, p *pending) error {
