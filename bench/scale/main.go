@@ -52,7 +52,7 @@ func main() {
 	flag.StringVar(&out, "out", "", "write the Markdown report here too (default bench/results/scale.md)")
 	flag.StringVar(&jsonOut, "json", "", "write the raw results here as JSON")
 	flag.BoolVar(&o.Keep, "keep", false, "keep the work directory (mxq's logs and data)")
-	flag.StringVar(&o.Work, "work", "", "work directory (data directories, logs, the binary); default a new one under $TMPDIR")
+	flag.StringVar(&o.Work, "work", "", "make the work directory (data directories, logs, the binary) in this directory (its file system is the one measured); default $TMPDIR")
 	flag.IntVar(&o.Sessions, "sessions", 32, "concurrent SMTP sessions of the load")
 	flag.IntVar(&o.Size, "size", 2048, "message size in bytes")
 	flag.IntVar(&o.PerUser, "per-user", 40, "messages per recipient by the end (recipients = n / per-user)")
@@ -60,6 +60,7 @@ func main() {
 	flag.DurationVar(&o.Timeout, "timeout", 60*time.Second, "timeout of each query")
 	flag.BoolVar(&o.RestartEveryStep, "restart-every-step", true, "kill -9 and restart at every step (else only at the last)")
 	flag.BoolVar(&o.HeldDue, "held-due", true, "at the end, drain 10 k new messages beside the held ones")
+	flag.IntVar(&o.BaselineRounds, "baseline-rounds", 3, "drains of the first step's backlog (the median is the reference rate)")
 	flag.DurationVar(&o.DrainWindow, "drain-window", 60*time.Second, "longest window the drain rate at n is measured over")
 	flag.Parse()
 

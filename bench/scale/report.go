@@ -194,11 +194,18 @@ func (rep *Report) Markdown() string {
 				s.Queries["status"], s.Queries["ls"], s.Queries["ls_to"], s.Queries["show"], s.Queries["imap"], rs, ri)
 		}
 		p("")
-		if len(r.Steps) > 0 {
+		if len(r.Steps) > 0 && len(r.BaselineRounds) > 0 {
 			first := r.Steps[0].Step
 			bl := r.Baseline
-			p("- **Drain of the first backlog** (%s due): **%.0f msg/s** (deliveries 10 %% to 90 %%: %s in %s s, by the store's clock); all delivered %s s after the store came back. Then the store went down and the same %s messages were sent again (%.0f msg/s) before the next step. %s",
-				num(bl.Due), bl.Rate, num(bl.InWindow), secs(bl.Window), secs(bl.Total), num(first), r.Refill.rate(), bl.Err)
+			var rates []string
+			for _, d := range r.BaselineRounds {
+				rates = append(rates, fmt.Sprintf("%.0f", d.Rate))
+			}
+			p("- **Drain of the first backlog** (%s due), %d rounds: %s msg/s, median **%.0f msg/s** (each: deliveries 10 %% to 90 %% over the time between them, by the store's clock; the median round's %s in %s s, all delivered %s s after the store came back). After each, the store went down and the same %s messages were sent again (the last time at %.0f msg/s). %s",
+				num(bl.Due), len(r.BaselineRounds), strings.Join(rates, ", "), bl.Rate, num(bl.InWindow), secs(bl.Window), secs(bl.Total), num(first), r.Refill.rate(), bl.Err)
+			if len(bl.Series) > 0 {
+				p("  The median round's deliveries per second, in %v buckets from the store's return: %s.", bl.Bucket, fmtSeries(bl.Series))
+			}
 		}
 		if h := r.Hold; h != nil {
 			p("- **Hold** `mxq queue hold %s` at %s: %s matched, %s held, in **%s s**; RSS %.0f MiB before, **peak %.0f MiB** during. %s",
@@ -207,6 +214,9 @@ func (rep *Report) Markdown() string {
 		if d := r.Drain; d != nil {
 			p("- **Drain at %s** (%s due, %s held beside them): **%.0f msg/s** over %s deliveries in %s s (from the delivery the first drain's window started at, at most %v or to 60 %% of the due mail); all %s delivered %s s after the store came back. %s",
 				num(o.N), num(d.Due), num(r.Held), d.Rate, num(d.InWindow), secs(d.Window), o.DrainWindow, num(d.Delivered), secs(d.Total), d.Err)
+		}
+		if d := r.Drain; d != nil && len(d.Series) > 0 {
+			p("  Deliveries per second, in %v buckets from the store's return (the kill -9 included): %s.", d.Bucket, fmtSeries(d.Series))
 		}
 		if rc := r.Recovery; rc != nil {
 			p("- **kill -9 during that drain**, restarted at once: a message answered 250 after %s s, the first delivery after %s s, a second with ≥ 0.9 × %.0f msg/s delivered after **%s s**. %s",
@@ -217,8 +227,17 @@ func (rep *Report) Markdown() string {
 				num(d.Due), num(r.Held), d.Rate, num(d.InWindow), secs(d.Window), d.Err)
 		}
 		p("- **Memory**: VmRSS sampled every 100 ms over the whole run: at most **%.0f MiB** (%s).", r.MaxRSS, r.MaxRSSAt)
-		p("- **Mail**: %s accepted, %s distinct queue IDs delivered (%s duplicate deliveries, from the kill -9s), %s left queued (%s held): **%d lost**.",
-			num(r.Accepted), num(r.Distinct), num(r.Dups), num(int(r.Left)), num(r.Held), r.Lost())
+		if r.Err == "" && r.LeftKnown {
+			extra := ""
+			if r.Lost() < 0 {
+				extra = fmt.Sprintf(" (and %d stored that the load did not count as accepted: their 250 was cut off by a crash, and the load sent them again)", -r.Lost())
+			}
+			p("- **Mail**: %s answered 250, %s distinct queue IDs delivered (%s duplicate deliveries: after a kill -9 or a crash, at least once means some), %s left queued (%s held): **%d lost**%s.",
+				num(r.Accepted), num(r.Distinct), num(r.Dups), num(int(r.Left)), num(r.Held), max(r.Lost(), 0), extra)
+		} else {
+			p("- **Mail**: %s accepted, %s distinct queue IDs delivered (%s duplicate deliveries); the run did not finish, so what is lost is not known.",
+				num(r.Accepted), num(r.Distinct), num(r.Dups))
+		}
 		p("- Run time %s.", r.Duration.Round(time.Second))
 		if r.Err != "" {
 			p("- **Stopped early**: %s", strings.ReplaceAll(strings.TrimSpace(r.Err), "\n", " / "))
@@ -290,6 +309,14 @@ func (r *SettingResult) targets(o Options) []target {
 		add(fmt.Sprintf("… in bounded memory (peak ≤ %.0f MiB)", limit), fmt.Sprintf("%.0f MiB", h.PeakRSS), h.PeakRSS <= limit, h.PeakRSS > 0)
 	}
 	add("mxq never crashed", fmt.Sprint(len(r.Crashes)), len(r.Crashes) == 0, true)
-	add("no accepted message lost", fmt.Sprint(r.Lost()), r.Lost() == 0 && r.Err == "", true)
+	add("no accepted message lost", fmt.Sprint(max(r.Lost(), 0)), r.Lost() <= 0, r.Err == "" && r.LeftKnown)
 	return out
+}
+
+func fmtSeries(xs []float64) string {
+	parts := make([]string, len(xs))
+	for i, x := range xs {
+		parts[i] = fmt.Sprintf("%.0f", x)
+	}
+	return strings.Join(parts, " ")
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -31,10 +32,13 @@ type Options struct {
 	HeldDue bool
 	// DueCount is how many due messages that test sends.
 	DueCount int
+	// BaselineRounds is how many times the first step's backlog is
+	// drained (and sent again); the median rate is the reference.
+	BaselineRounds int
 	// DrainWindow bounds the window the drain rate at N is measured over.
 	DrainWindow time.Duration
 	Repo        string    // the mxq source tree to build
-	Work        string    // where data directories go; "" = a temporary directory
+	Work        string    // where the work directory is made; "" = $TMPDIR
 	Keep        bool      // keep Work (logs, data)
 	Log         io.Writer `json:"-"` // progress
 }
@@ -69,6 +73,9 @@ func (o *Options) defaults() {
 	if o.DueCount == 0 {
 		o.DueCount = 10_000
 	}
+	if o.BaselineRounds == 0 {
+		o.BaselineRounds = 3
+	}
 	if o.DrainWindow == 0 {
 		o.DrainWindow = 60 * time.Second
 	}
@@ -91,13 +98,15 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	rep := &Report{Options: o, Start: time.Now(), Machine: machine(), LoadStart: loadavg()}
 	rep.Commit = gitDescribe(o.Repo)
-	work := o.Work
-	if work == "" {
-		var err error
-		if work, err = os.MkdirTemp("", "mxq-scale-"); err != nil {
+	// A new directory of our own (under Work, if given), so that only it
+	// is removed at the end.
+	if o.Work != "" {
+		if err := os.MkdirAll(o.Work, 0o755); err != nil {
 			return nil, err
 		}
-	} else if err := os.MkdirAll(work, 0o755); err != nil {
+	}
+	work, err := os.MkdirTemp(o.Work, "mxq-scale-")
+	if err != nil {
 		return nil, err
 	}
 	if o.Keep {
@@ -121,6 +130,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		res := runSetting(ctx, o, bin, dir, cont)
 		rep.Settings = append(rep.Settings, res)
+		if !o.Keep { // 2.5 KiB a message: 12 GiB at 5 M
+			os.RemoveAll(filepath.Join(dir, "data"))
+		}
 		if ctx.Err() != nil {
 			break
 		}
@@ -169,7 +181,32 @@ type DrainResult struct {
 	Window    time.Duration
 	InWindow  int
 	Rate      float64 // deliveries per second in the window
-	Err       string
+	// Series is the delivery rate (msg/s) in buckets of Bucket from the
+	// store's return: the ramp, the plateau, the kill -9.
+	Series []float64
+	Bucket time.Duration
+	Err    string
+}
+
+// series fills d.Series from the sorted delivery times, from t0 on, in
+// buckets of whole seconds (at most about 40 of them).
+func (d *DrainResult) series(times []int64, t0 time.Time) {
+	if len(times) == 0 {
+		return
+	}
+	span := time.Duration(times[len(times)-1] - t0.UnixNano())
+	d.Bucket = max(time.Second, (span / 40).Round(time.Second))
+	n := int(span/d.Bucket) + 1
+	counts := make([]int, n)
+	for _, t := range times {
+		if k := int(time.Duration(t-t0.UnixNano()) / d.Bucket); k >= 0 && k < n {
+			counts[k]++
+		}
+	}
+	d.Series = make([]float64, n)
+	for i, c := range counts {
+		d.Series[i] = float64(c) / d.Bucket.Seconds()
+	}
 }
 
 // HoldResult is the bulk hold by filter.
@@ -197,26 +234,33 @@ type RecoveryResult struct {
 type SettingResult struct {
 	Continuity bool
 	Steps      []StepResult
-	Baseline   DrainResult // the first step's backlog, drained whole
-	Refill     loadResult  // the first step's backlog again after it
-	Hold       *HoldResult
-	Drain      *DrainResult // at N, with the held messages left in the queue
-	Recovery   *RecoveryResult
-	HeldDue    *DrainResult // DueCount new messages beside the held ones
-	MaxRSS     float64      // MiB, sampled every 100 ms over the whole run
-	MaxRSSAt   string       // in which phase
-	Accepted   int          // 250s in the whole run
-	Distinct   int          // distinct queue IDs the store got
-	Dups       int          // deliveries of a queue ID already delivered
-	Left       uint64       // records in the queue at the end (the held ones)
-	Held       int
-	Duration   time.Duration
-	Err        string  // why the run stopped early
-	Crashes    []Crash // mxq exiting on its own (it is restarted, up to 3 times)
-	Notes      []string
+	Baseline   DrainResult // the first step's backlog drained whole: the median round
+	// BaselineRounds are the drains of the first step's backlog.
+	BaselineRounds []DrainResult
+	Refill         loadResult // the first step's backlog again after it
+	Hold           *HoldResult
+	Drain          *DrainResult // at N, with the held messages left in the queue
+	Recovery       *RecoveryResult
+	HeldDue        *DrainResult // DueCount new messages beside the held ones
+	MaxRSS         float64      // MiB, sampled every 100 ms over the whole run
+	MaxRSSAt       string       // in which phase
+	Accepted       int          // 250s in the whole run
+	Distinct       int          // distinct queue IDs the store got
+	Dups           int          // deliveries of a queue ID already delivered
+	Left           uint64       // records in the queue at the end (the held ones)
+	LeftKnown      bool         // the node answered at the end
+	Held           int
+	Duration       time.Duration
+	Err            string  // why the run stopped early
+	Crashes        []Crash // mxq exiting on its own (it is restarted, up to 3 times)
+	Notes          []string
 }
 
-// Lost is what was accepted and neither delivered nor still queued.
+// Lost is what was accepted and neither delivered nor still queued;
+// meaningful only for a run that finished. It is negative when mxq stored
+// more than the load counted as accepted: when a crash cut the
+// connections, a message may be stored with its 250 lost, and the load
+// sends it again, as any sender would.
 func (r *SettingResult) Lost() int { return r.Accepted - r.Distinct - int(r.Left) }
 
 // rssSampler follows the node's VmRSS every 100 ms: the maximum over the
@@ -286,6 +330,8 @@ type setting struct {
 	gen  *mailGen
 	rss  *rssSampler
 	held int
+	// gaveUp is set once the node is left dead (too many crashes).
+	gaveUp error
 }
 
 func (s *setting) logf(format string, args ...any) {
@@ -328,7 +374,7 @@ func runSetting(ctx context.Context, o Options, bin, dir string, cont bool) *Set
 		s.note("%d messages reached the store without mxq's Received header (not counted as delivered)", s.sink.noID)
 	}
 	if st, err := s.node.status(context.Background()); err == nil {
-		res.Left = st.Queue.Messages
+		res.Left, res.LeftKnown = st.Queue.Messages, true
 	} else if res.Err == "" {
 		res.Err = "final status: " + err.Error()
 	}
@@ -388,26 +434,33 @@ func (s *setting) run() error {
 		s.res.Steps = append(s.res.Steps, r)
 
 		if k == 0 {
-			// The drain rate at the first backlog: the whole backlog
-			// delivered, then the store down again and the same backlog
-			// sent again, so that the next step starts from it.
-			s.rss.setPhase(fmt.Sprintf("drain of %d", step))
-			s.logf("drain of the first backlog (%d)", step)
-			d, err := s.drainAll(0.1, 0.9)
-			if err != nil {
-				return err
+			// The drain rate at the first backlog, the median of
+			// BaselineRounds drains (each short, and the drain's rate
+			// swings): the whole backlog delivered, then the store down
+			// again and the same backlog sent again, so that the next
+			// step starts from it.
+			for round := 1; round <= o.BaselineRounds; round++ {
+				s.rss.setPhase(fmt.Sprintf("drain of %d", step))
+				s.logf("drain of the first backlog (%d), round %d of %d", step, round, o.BaselineRounds)
+				d, err := s.drainAll(0.1, 0.9)
+				if err != nil {
+					return err
+				}
+				s.res.BaselineRounds = append(s.res.BaselineRounds, *d)
+				rounds := slices.Clone(s.res.BaselineRounds)
+				slices.SortFunc(rounds, func(a, b DrainResult) int { return cmp.Compare(a.Rate, b.Rate) })
+				s.res.Baseline = rounds[(len(rounds)-1)/2]
+				s.logf("drain of %d: %.0f msg/s (%d in %v), all in %v %s", step, d.Rate, d.InWindow, d.Window.Round(time.Millisecond), d.Total.Round(time.Millisecond), d.Err)
+				s.sink.down()
+				s.rss.setPhase(fmt.Sprintf("refill of %d", step))
+				refill, err := s.sendAll(&batch{lo: 0, hi: step}, "refill", "refill")
+				if err != nil {
+					return err
+				}
+				s.res.Refill = refill
+				showID = refill.FirstID
+				s.logf("refill of %d: %.0f msg/s", step, refill.rate())
 			}
-			s.res.Baseline = *d
-			s.logf("drain of %d: %.0f msg/s (%d in %v), all in %v %s", step, d.Rate, d.InWindow, d.Window.Round(time.Millisecond), d.Total.Round(time.Millisecond), d.Err)
-			s.sink.down()
-			s.rss.setPhase(fmt.Sprintf("refill of %d", step))
-			refill, err := s.sendAll(&batch{lo: 0, hi: step}, "refill", "refill")
-			if err != nil {
-				return err
-			}
-			s.res.Refill = refill
-			showID = refill.FirstID
-			s.logf("refill of %d: %.0f msg/s", step, refill.rate())
 		}
 		prev = step
 	}
@@ -548,7 +601,9 @@ func (s *setting) drainAll(lo, hi float64) (*DrainResult, error) {
 	if err := s.sink.up(); err != nil {
 		return nil, err
 	}
-	if err := s.waitDelivered(d0, due, nil); err != nil {
+	if err := s.waitDelivered(d0, due, nil); isFatal(err) {
+		return nil, err
+	} else if err != nil {
 		d.Err = err.Error()
 	}
 	_, d1, _ := s.sink.counts()
@@ -559,7 +614,8 @@ func (s *setting) drainAll(lo, hi float64) (*DrainResult, error) {
 	}
 	k0, k1 := int(lo*float64(due)), int(hi*float64(due))-1
 	d.Rate, d.InWindow, d.Window = windowRate(times, k0, k1, 0)
-	return d, nil
+	d.series(times, t0)
+	return d, s.settle()
 }
 
 // waitDelivered waits until want more distinct messages than d0 arrived,
@@ -643,7 +699,9 @@ func (s *setting) drainAtN() error {
 		}
 		return false
 	}
-	if err := s.waitDelivered(d0, due, windowDone); err != nil {
+	if err := s.waitDelivered(d0, due, windowDone); isFatal(err) {
+		return err
+	} else if err != nil {
 		d.Err = err.Error()
 		return nil
 	}
@@ -678,20 +736,32 @@ func (s *setting) drainAtN() error {
 		rec.Err = "drained before the kill"
 	}
 
-	if err := s.waitDelivered(d0, due, nil); err != nil {
+	if err := s.waitDelivered(d0, due, nil); isFatal(err) {
+		return err
+	} else if err != nil {
 		d.Err = err.Error()
 	}
 	times = s.sink.snapshot()
 	if len(times) > 0 {
 		d.Total = time.Duration(times[len(times)-1] - t0.UnixNano())
 	}
+	d.series(times, t0)
 	_, d1, _ := s.sink.counts()
 	d.Delivered = d1 - d0
 	s.logf("drain at %d: all %d delivered in %v %s", s.o.N, d.Delivered, d.Total.Round(time.Second), d.Err)
-	// The last deletions trail the last delivery.
+	return s.settle()
+}
+
+// settle waits (up to 30 s) until the queue holds only the held mail: a
+// record is deleted after the store answered, so the last deletions
+// trail the last delivery.
+func (s *setting) settle() error {
 	for i := 0; i < 300; i++ {
+		if err := s.checkAlive("drain"); err != nil {
+			return err
+		}
 		if st, err := s.node.status(s.ctx); err == nil && int(st.Queue.Messages) <= s.held {
-			break
+			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -762,23 +832,36 @@ type Crash struct {
 }
 
 // maxCrashes is how many crashes a setting's run survives.
-const maxCrashes = 3
+const maxCrashes = 20
 
-// checkAlive restarts the node if it crashed (recording the crash), and
-// fails after maxCrashes.
+// fatal is an error that ends a setting's run.
+type fatal struct{ error }
+
+func isFatal(err error) bool {
+	var f fatal
+	return errors.As(err, &f)
+}
+
+// checkAlive restarts the node if it crashed (recording the crash); it
+// fails (fatally) after maxCrashes, or if the restart fails.
 func (s *setting) checkAlive(phase string) error {
 	if s.node.alive() {
 		return nil
+	}
+	if s.gaveUp != nil {
+		return s.gaveUp
 	}
 	c := Crash{Phase: phase, What: crashCause(s.node.logPath)}
 	s.res.Crashes = append(s.res.Crashes, c)
 	s.logf("mxq CRASHED during %s: %s", phase, c.What)
 	if len(s.res.Crashes) > maxCrashes {
-		return fmt.Errorf("mxq crashed %d times; the last during %s: %s", len(s.res.Crashes), phase, c.What)
+		s.gaveUp = fatal{fmt.Errorf("mxq crashed %d times; the last during %s: %s", len(s.res.Crashes), phase, c.What)}
+		return s.gaveUp
 	}
 	s.node.kill() // reap
 	if err := s.node.start(5 * time.Minute); err != nil {
-		return fmt.Errorf("restarting mxq after its crash: %w", err)
+		s.gaveUp = fatal{fmt.Errorf("restarting mxq after its crash: %w", err)}
+		return s.gaveUp
 	}
 	s.logf("mxq restarted after its crash")
 	return nil
