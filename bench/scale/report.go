@@ -219,8 +219,12 @@ func (rep *Report) Markdown() string {
 			p("  Deliveries per second, in %v buckets from the store's return (the kill -9 included): %s.", d.Bucket, fmtSeries(d.Series))
 		}
 		if rc := r.Recovery; rc != nil {
-			p("- **kill -9 during that drain**, restarted at once: a message answered 250 after %s s, the first delivery after %s s, a second with ≥ 0.9 × %.0f msg/s delivered after **%s s**. %s",
-				secs(rc.SMTP), secs(rc.First), rc.PreRate, secs(rc.AtSpeed), rc.Err)
+			post := ""
+			if rc.PostRate > 0 {
+				post = fmt.Sprintf(" From then on: %.0f msg/s (%s deliveries in %s s), %.2f × the rate before the kill.", rc.PostRate, num(rc.PostCount), secs(rc.PostWindow), rc.PostRate/rc.PreRate)
+			}
+			p("- **kill -9 during that drain**, restarted at once: a message answered 250 after %s s, the first delivery after %s s; from **%s s** on, %v averaging ≥ 0.9 × %.0f msg/s (the rate before the kill).%s %s",
+				secs(rc.SMTP), secs(rc.First), secs(rc.AtSpeed), recoveryWindow, rc.PreRate, post, rc.Err)
 		}
 		if d := r.HeldDue; d != nil {
 			p("- **Held + due**: %s new messages beside %s held ones, store down then up: **%.0f msg/s** (10 %% to 90 %%: %s in %s s). %s",

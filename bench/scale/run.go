@@ -222,12 +222,19 @@ type HoldResult struct {
 
 // RecoveryResult is kill -9 during the drain at N.
 type RecoveryResult struct {
-	PreRate  float64       // the drain rate before the kill
-	First    time.Duration // restart to the first delivery
-	AtSpeed  time.Duration // restart to the first 1 s with ≥ 0.9 × PreRate deliveries
-	SMTP     time.Duration // restart to a 250
-	Err      string
-	Restarts int
+	PreRate float64       // the drain rate before the kill
+	First   time.Duration // restart to the first delivery
+	// AtSpeed is from the restart to the start of the first 5 s in which
+	// the deliveries averaged at least 0.9 × PreRate.
+	AtSpeed time.Duration
+	SMTP    time.Duration // restart to a 250
+	// PostRate is the rate from AtSpeed on, over PostCount deliveries in
+	// PostWindow (at most DrainWindow, and up to 90 % of the due mail).
+	PostRate   float64
+	PostCount  int
+	PostWindow time.Duration
+	Err        string
+	restart    time.Time
 }
 
 // SettingResult is one continuity setting's run.
@@ -716,6 +723,7 @@ func (s *setting) drainAtN() error {
 		from, _, _ := s.sink.counts()
 		s.node.kill()
 		tr := time.Now()
+		rec.restart = tr
 		if err := s.node.launch(); err != nil {
 			return err
 		}
@@ -746,9 +754,16 @@ func (s *setting) drainAtN() error {
 		d.Total = time.Duration(times[len(times)-1] - t0.UnixNano())
 	}
 	d.series(times, t0)
+	if rec.AtSpeed > 0 {
+		// The rate once back at speed, over a window like the one before
+		// the kill (up to 90 % of the due mail, so the tail is left out).
+		at := rec.restart.Add(rec.AtSpeed).UnixNano()
+		k0, _ := slices.BinarySearch(times, at)
+		rec.PostRate, rec.PostCount, rec.PostWindow = windowRate(times, k0, int(0.9*float64(due))-1, s.o.DrainWindow)
+	}
 	_, d1, _ := s.sink.counts()
 	d.Delivered = d1 - d0
-	s.logf("drain at %d: all %d delivered in %v %s", s.o.N, d.Delivered, d.Total.Round(time.Second), d.Err)
+	s.logf("drain at %d: all %d delivered in %v (after the restart: %.0f msg/s) %s", s.o.N, d.Delivered, d.Total.Round(time.Second), rec.PostRate, d.Err)
 	return s.settle()
 }
 
@@ -768,18 +783,23 @@ func (s *setting) settle() error {
 	return nil
 }
 
+// recoveryWindow is how long the drain must keep 0.9 × its rate before
+// the kill to count as back at speed.
+const recoveryWindow = 5 * time.Second
+
 // recovery watches the deliveries after a restart at tr (the series from
-// index from on) until a trailing second holds at least target
-// deliveries; it returns that time, the first delivery's, and why it did
-// not get there.
+// index from on) until recoveryWindow of them average at least target per
+// second; it returns when that window began, the first delivery's time,
+// and why it did not get there.
 func (s *setting) recovery(from int, tr time.Time, d0, due int, target float64) (atSpeed, first time.Duration, why string) {
 	if target <= 0 {
 		return 0, 0, "no drain rate before the kill"
 	}
 	deadline := time.Now().Add(5 * time.Minute)
-	need := max(int(target), 1) // in a 1 s window
-	// The deliveries since the restart, read in chunks as they come; two
-	// pointers keep the window [ts[j], ts[i]] under a second.
+	need := max(int(target*recoveryWindow.Seconds()), 1)
+	// The deliveries since the restart, read in chunks as they come; the
+	// window [ts[j], ts[j]+recoveryWindow) holds ts[j:i], and is judged
+	// once a later delivery shows it complete.
 	var ts []int64
 	i, j := 0, 0
 	for {
@@ -789,13 +809,18 @@ func (s *setting) recovery(from int, tr time.Time, d0, due int, target float64) 
 		if len(ts) > 0 && first == 0 {
 			first = time.Duration(ts[0] - tr.UnixNano())
 		}
-		for ; i < len(ts); i++ {
-			for ts[i]-ts[j] >= int64(time.Second) {
-				j++
+		for j < len(ts) {
+			end := ts[j] + int64(recoveryWindow)
+			for i < len(ts) && ts[i] < end {
+				i++
 			}
-			if i-j+1 >= need {
-				return time.Duration(ts[i] - tr.UnixNano()), first, ""
+			if i == len(ts) {
+				break // not complete yet
 			}
+			if i-j >= need {
+				return time.Duration(ts[j] - tr.UnixNano()), first, ""
+			}
+			j++
 		}
 		_, d, _ := s.sink.counts()
 		if d-d0 >= due {
