@@ -263,7 +263,10 @@ func (r *ramp) tick(now time.Time, d Demand, throughput float64) verdict {
 	// or slow to read the queue, its deliveries take longer, the store
 	// does not, and cutting the rate would only slow the drain further.
 	short := r.n >= r.cfg.MinSample && throughput < r.cfg.SaturationShare*r.st.Rate
-	storeSlower := r.st.Baseline > 0 && median > r.st.Baseline*3/2
+	// Slower by half, and by a millisecond at least: at a fraction of a
+	// millisecond, jitter on a busy host doubles a latency without the
+	// store queueing anything.
+	storeSlower := r.st.Baseline > 0 && median > max(r.st.Baseline*3/2, r.st.Baseline+time.Millisecond)
 	saturated := short && d.Slots && r.st.Concurrency >= r.needed() && storeSlower
 	slow := median > r.cfg.LatencyTarget || saturated
 	switch {

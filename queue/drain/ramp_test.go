@@ -288,3 +288,50 @@ func TestRampFollowsCapacity(t *testing.T) {
 		})
 	}
 }
+
+// mxq's own slowness is not the store's: when deliveries take longer
+// because of this process (its CPU, reading the queue) while the store
+// answers as fast as unloaded, the rate is kept and the bottleneck named;
+// when the store's own time grows, it is the store.
+func TestRampTellsItsOwnSlownessFromTheStores(t *testing.T) {
+	cfg := DefaultRamp(1000, 16)
+	cases := []struct {
+		name      string
+		store     time.Duration // the store's own time per delivery
+		own       time.Duration // mxq's
+		demand    Demand
+		wantV     verdict
+		wantNeck  string
+		wantShrnk bool
+	}{
+		{"mxq slow, store as unloaded, slots busy", time.Millisecond, 40 * time.Millisecond, Demand{Slots: true}, verdictGrow, BottleneckMxq, false},
+		{"mxq slow reading the queue, no limit reached", time.Millisecond, 0, Demand{}, verdictHold, BottleneckMxq, false},
+		{"store slower than unloaded, slots busy", 30 * time.Millisecond, 0, Demand{Slots: true}, verdictShrink, BottleneckStore, true},
+		{"nothing left to send", time.Millisecond, 0, Demand{Idle: true}, verdictHold, "", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRamp(cfg, t0)
+			for i := 0; i < 20; i++ {
+				r.observe(Outcome{Latency: time.Millisecond, Results: 1})
+			}
+			now := t0.Add(cfg.Tick)
+			r.tick(now, Demand{}, 100)
+			var v verdict
+			for i := 0; i < 2; i++ {
+				r.st.Rate, r.st.Phase, r.st.Concurrency = 100, PhaseSteady, 4
+				for j := 0; j < 20; j++ {
+					r.observe(Outcome{Latency: tc.store, Own: tc.own, Results: 1})
+				}
+				now = now.Add(cfg.Tick)
+				v = r.tick(now, tc.demand, 50) // half the allowance got through
+			}
+			if v != tc.wantV || r.bottleneck != tc.wantNeck {
+				t.Fatalf("verdict %d bottleneck %q, want %d %q", v, r.bottleneck, tc.wantV, tc.wantNeck)
+			}
+			if shrunk := r.st.Rate < 100; shrunk != tc.wantShrnk {
+				t.Fatalf("rate %v after the ticks: shrunk %v, want %v", r.st.Rate, shrunk, tc.wantShrnk)
+			}
+		})
+	}
+}
