@@ -215,3 +215,28 @@ func deleteChunk(st *queue.Store, env *envelope.Envelope, n int) error {
 	}
 	return s.DeleteMsg(ctx, recs[n].Seq)
 }
+
+// A window of records larger than one read's byte bound is read in several
+// reads: the records past the bound are not taken for gone (and dropped
+// from the catalog, never to be delivered).
+func TestWindowLargerThanOneRead(t *testing.T) {
+	st, _ := teststore.Start(t, func(o *queue.Options) { o.ChunkSize = 4 << 20 })
+	be, err := testbackend.Start("127.0.0.1:0", testbackend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.Close()
+	line := "a line of a message of three and a half MiB, stored as one record\r\n"
+	big := "Subject: big\r\n\r\n" + strings.Repeat(line, (7<<19)/len(line))
+	var want []string
+	for i := 0; i < 10; i++ {
+		env := &envelope.Envelope{ID: ids.New(), From: "a@example.org", To: []string{"u@example.test"}, Arrived: time.Now().UTC()}
+		msg := fmt.Sprintf("Received: from x ([127.0.0.1])\r\n\tby mx (mxq) with ESMTP id %s;\r\n\tdate\r\n%s", env.ID, big)
+		if err := st.Enqueue(context.Background(), env, strings.NewReader(msg)); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, env.ID)
+	}
+	startDrain(t, st, be, nil)
+	waitFor(t, "all ten delivered", 30*time.Second, func() bool { q, _ := queued(t, st); return q == 0 && be.Count() == len(want) })
+}

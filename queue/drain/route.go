@@ -372,29 +372,30 @@ func (rd *routeDrain) read(ctx context.Context, dues []catalog.Due) ([]picked, e
 		// One read covers the wanted records from seqs[i] on, as far as
 		// the records in between allow: due records of a backlog are
 		// mostly consecutive on the route's subject.
-		recs, _, err := rd.d.src.ReadFrom(ctx, subject, seqs[i], len(seqs)-i, 16<<20)
+		recs, pending, err := rd.d.src.ReadFrom(ctx, subject, seqs[i], len(seqs)-i, 16<<20)
 		if err != nil {
-			if len(got) > 0 {
-				break // deliver what was read; the rest is looked at again
+			// What was not read is looked at again after RetryMin;
+			// what was is delivered.
+			for _, seq := range seqs[i:] {
+				rd.lookLater(seq, want[seq].Pos, rd.d.o.RetryMin)
 			}
-			for _, d := range dues {
-				rd.lookLater(d.Seq, d.Pos, rd.d.o.RetryMin)
+			if len(got) == 0 {
+				return nil, err
 			}
-			return nil, err
-		}
-		covered := seqs[i]
-		if len(recs) > 0 {
-			covered = recs[len(recs)-1].Seq
+			break
 		}
 		for _, r := range recs {
 			if _, ok := want[r.Seq]; ok {
 				got[r.Seq] = r
 			}
 		}
-		if len(recs) == 0 || len(recs) < len(seqs)-i {
-			// The subject holds nothing more from there: the wanted
-			// records not read are gone.
-			covered = ^uint64(0)
+		// What the read covered: up to its last record, or, when the
+		// subject holds nothing after it (no record at all, or none
+		// pending), everything. A read cut short by its byte bound says
+		// nothing about the records after it.
+		covered := ^uint64(0)
+		if len(recs) > 0 && pending > 0 {
+			covered = recs[len(recs)-1].Seq
 		}
 		for ; i < len(seqs) && seqs[i] <= covered; i++ {
 			if _, ok := got[seqs[i]]; !ok {
