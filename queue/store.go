@@ -153,8 +153,6 @@ func Open(ctx context.Context, nc *nats.Conn, o Options) (*Store, error) {
 		Duplicates:         2 * time.Minute,
 		AllowDirect:        true,
 		AllowAtomicPublish: true,
-		// Tombstones expire by themselves.
-		AllowMsgTTL: true,
 	}
 	var st jetstream.Stream
 	for {
@@ -210,11 +208,13 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 		have := st.CachedInfo().Config
 		if have.Replicas == cfg.Replicas && have.MaxBytes == cfg.MaxBytes && have.Discard == cfg.Discard &&
 			have.AllowAtomicPublish == cfg.AllowAtomicPublish && have.AllowDirect == cfg.AllowDirect &&
-			have.AllowMsgTTL == cfg.AllowMsgTTL &&
 			have.Duplicates == cfg.Duplicates && have.Retention == cfg.Retention &&
 			len(have.Subjects) == 1 && have.Subjects[0] == cfg.Subjects[0] {
 			return st, nil
 		}
+		// Per-message TTLs cannot be switched off once on (a build of mxq
+		// used them for tombstones): keep what the stream has.
+		cfg.AllowMsgTTL = have.AllowMsgTTL
 		return js.UpdateStream(ctx, cfg)
 	}
 	if !errors.Is(err, jetstream.ErrStreamNotFound) {

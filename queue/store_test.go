@@ -454,3 +454,61 @@ func TestRewriteRetriedAfterStored(t *testing.T) {
 		t.Fatalf("dead letters after the retried rewrite: %d, %v", len(dead), err)
 	}
 }
+
+// Deletions write tombstones, and tombstones older than their TTL are
+// purged; younger ones stay for the catalogs that have not read them.
+func TestTombstonesWrittenAndPurged(t *testing.T) {
+	s := newTestStore(t, func(o *Options) { o.TombstoneTTL = time.Hour })
+	ctx := context.Background()
+	for i := 0; i < 3; i++ {
+		if err := s.Enqueue(ctx, testEnv("u@example.test"), strings.NewReader("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	recs := readAll(t, s, "store")
+	for _, r := range recs[:2] {
+		if err := s.Complete(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.FlushTombstones(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tombs := func() []uint64 {
+		var out []uint64
+		got, _, err := s.ReadFrom(ctx, s.TombstoneSubject(), 1, 100, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, g := range got {
+			m, err := s.stream.GetMsg(ctx, g.Seq)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seqs, err := ParseTombstone(m.Header)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, seqs...)
+		}
+		return out
+	}
+	if got := tombs(); len(got) != 2 || got[0] != recs[0].Seq || got[1] != recs[1].Seq {
+		t.Fatalf("tombstones list %v, want the two deleted records %d, %d", got, recs[0].Seq, recs[1].Seq)
+	}
+	if err := s.PurgeTombstones(ctx, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if got := tombs(); len(got) != 2 {
+		t.Fatalf("a young tombstone was purged: %v left", got)
+	}
+	if err := s.PurgeTombstones(ctx, time.Now().Add(2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if got := tombs(); len(got) != 0 {
+		t.Fatalf("tombstones older than their TTL not purged: %v", got)
+	}
+	if n := len(readAll(t, s, "store")); n != 1 {
+		t.Fatalf("purging tombstones touched the queue: %d records left, want 1", n)
+	}
+}

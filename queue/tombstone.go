@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
 )
 
 // Tombstones tell every node which records were deleted.
@@ -22,10 +25,12 @@ import (
 // sequences deleted since the last one, in the header Mxq-Deleted.
 //
 // Tombstones are gathered for TombstoneInterval and written off the
-// deleting caller's path: a delivery does not wait for one. They expire by
-// themselves (a per-message TTL), because they matter only to an index that
-// has not read them yet; an index that was not kept up for longer than that
-// is rebuilt. A tombstone lost in a crash leaves an index entry for a record
+// deleting caller's path: a delivery does not wait for one. They matter
+// only to an index that has not read them yet, so those older than
+// TombstoneTTL are purged (PurgeTombstones, hourly); an index that was not
+// kept up for that long is rebuilt. (Not JetStream's per-message TTL: with
+// it, a server restarted after a crash rescans the whole stream for TTLs
+// before it serves.) A tombstone lost in a crash leaves an index entry for a record
 // that is gone; every reader of the index checks the record itself before it
 // acts on it, and drops such an entry when it finds it.
 
@@ -162,7 +167,6 @@ func (t *tombstones) write(ctx context.Context, seqs []uint64) error {
 	}
 	m := &nats.Msg{Subject: t.s.TombstoneSubject(), Header: nats.Header{}}
 	m.Header.Set(HdrDeleted, b.String())
-	m.Header.Set("Nats-TTL", t.ttl.String())
 	ctx, cancel := context.WithTimeout(ctx, t.s.o.Timeout)
 	defer cancel()
 	_, err := t.s.js.PublishMsg(ctx, m)
@@ -179,6 +183,42 @@ func (s *Store) FlushTombstones(ctx context.Context) error {
 	s.tombs.mu.Unlock()
 	if left > 0 {
 		return fmt.Errorf("queue: %d tombstones not written", left)
+	}
+	return nil
+}
+
+// PurgeTombstones removes the tombstones older than the TTL. Any node may
+// call it at any time: it is idempotent.
+func (s *Store) PurgeTombstones(ctx context.Context, now time.Time) error {
+	ctx, cancel := context.WithTimeout(ctx, s.o.Timeout)
+	defer cancel()
+	it, err := jetstreamext.GetBatch(ctx, s.js, s.o.Stream, 1,
+		jetstreamext.GetBatchStartTime(now.Add(-s.tombs.ttl)), jetstreamext.GetBatchSubject(s.TombstoneSubject()))
+	if err != nil {
+		return fmt.Errorf("tombstones: %w", err)
+	}
+	keepFrom := uint64(0)
+	for m, err := range it {
+		if errors.Is(err, jetstreamext.ErrNoMessages) {
+			// None younger: all may go.
+			last, err := s.LastSeq(ctx)
+			if err != nil {
+				return err
+			}
+			keepFrom = last + 1
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("tombstones: %w", err)
+		}
+		keepFrom = m.Sequence
+		break
+	}
+	if keepFrom <= 1 {
+		return nil
+	}
+	if err := s.stream.Purge(ctx, jetstream.WithPurgeSubject(s.TombstoneSubject()), jetstream.WithPurgeSequence(keepFrom)); err != nil {
+		return fmt.Errorf("tombstones: %w", err)
 	}
 	return nil
 }

@@ -81,8 +81,9 @@ type Catalog struct {
 	ready chan struct{}
 
 	// Written by the apply loop only.
-	pos   uint64 // next sequence to apply
-	stats Stats
+	pos     uint64 // next sequence to apply
+	stats   Stats
+	purgeAt time.Time // when to purge old tombstones next
 
 	mu      sync.Mutex
 	applied uint64 // pos as committed, for CatchUp

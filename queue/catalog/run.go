@@ -135,6 +135,22 @@ func (c *Catalog) run(ctx context.Context) error {
 			if err := c.collectBelowFirst(ctx); err != nil {
 				c.log.Warn("catalog: dropping records below the stream's first", "err", err)
 			}
+			// Note that the catalog is current even when nothing changes,
+			// so that a restart after a quiet spell does not rebuild it.
+			if ok, err := c.caughtUp(ctx); err == nil && ok {
+				b := c.db.NewIndexedBatch()
+				err := c.commit(b, &pending{})
+				b.Close()
+				if err != nil {
+					return err
+				}
+			}
+			if c.o.Now().After(c.purgeAt) {
+				if err := c.store.PurgeTombstones(ctx, c.o.Now()); err != nil {
+					c.log.Warn("catalog: purging old tombstones", "err", err)
+				}
+				c.purgeAt = c.o.Now().Add(time.Hour)
+			}
 		}
 	}
 }

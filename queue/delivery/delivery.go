@@ -222,7 +222,8 @@ func (c *Client) dial(ctx context.Context) (*conn, error) {
 	return &conn{c: sc}, nil
 }
 
-func (c *Client) get(ctx context.Context) (*conn, error) {
+// get returns a pooled connection (pooled true) or a new one.
+func (c *Client) get(ctx context.Context) (*conn, bool, error) {
 	now := c.o.Now()
 	c.mu.Lock()
 	for len(c.idle) > 0 {
@@ -230,12 +231,24 @@ func (c *Client) get(ctx context.Context) (*conn, error) {
 		c.idle = c.idle[:len(c.idle)-1]
 		if now.Sub(cn.lastUsed) < c.o.IdleTimeout {
 			c.mu.Unlock()
-			return cn, nil
+			return cn, true, nil
 		}
 		go cn.c.Close()
 	}
 	c.mu.Unlock()
-	return c.dial(ctx)
+	cn, err := c.dial(ctx)
+	return cn, false, err
+}
+
+// dropIdle closes the pooled connections.
+func (c *Client) dropIdle() {
+	c.mu.Lock()
+	idle := c.idle
+	c.idle = nil
+	c.mu.Unlock()
+	for _, cn := range idle {
+		go cn.c.Close()
+	}
 }
 
 func (c *Client) put(cn *conn) {
@@ -303,7 +316,7 @@ func (c *Client) DeliverTimed(ctx context.Context, env *envelope.Envelope, body 
 	for i, r := range env.To {
 		results[i] = Result{Rcpt: r}
 	}
-	cn, err := c.get(ctx)
+	cn, pooled, err := c.get(ctx)
 	tm.Connect = sw.lap()
 	if err != nil {
 		return results, tm, err
@@ -341,20 +354,53 @@ func (c *Client) DeliverTimed(ctx context.Context, env *envelope.Envelope, body 
 	// A 421 (or any reply to MAIL that is not about the message) means
 	// the store is not serving: it is not a verdict on the recipients.
 	utf8Needed := env.UTF8 && !allASCII(env.From, env.To)
-	if utf8Needed {
-		// Extension may say LHLO again (go-smtp does after a RSET): that
-		// is time on the store.
-		var ok bool
-		store(func() error { ok, _ = nc.Extension("SMTPUTF8"); return nil })
-		if !ok {
-			for i := range results {
-				results[i] = Result{Rcpt: env.To[i], Code: 550, Enhanced: "5.6.7", Text: "backend does not support SMTPUTF8 for a non-ASCII address"}
+	// begin asks for SMTPUTF8 when needed and says MAIL. ok false: the
+	// store lacks SMTPUTF8 (a verdict on the recipients, in results).
+	begin := func() (ok bool, err error) {
+		if utf8Needed {
+			// Extension may say LHLO again (go-smtp does after a RSET):
+			// that is time on the store.
+			var has bool
+			store(func() error { has, _ = nc.Extension("SMTPUTF8"); return nil })
+			if !has {
+				// A dead connection answers "no such extension" too (its
+				// greeting failed): make sure this one is alive.
+				if err := store(nc.Noop); err != nil {
+					return true, err
+				}
+				return false, nil
 			}
-			keep()
-			return results, tm, nil
+		}
+		return true, store(func() error { return nc.Mail(env.From, &smtp.MailOptions{UTF8: utf8Needed, Size: env.Size}) })
+	}
+	ok, err := begin()
+	if err != nil && pooled {
+		if _, isReply := replyOf(err); !isReply {
+			// A pooled connection the store closed meanwhile (it
+			// restarted, or timed out idle ones): nothing was sent yet, so
+			// try once on a new connection; the other idle ones are likely
+			// dead too.
+			nc.Close()
+			c.dropIdle()
+			sw.lap()
+			fresh, derr := c.dial(ctx)
+			tm.Connect += sw.lap()
+			if derr != nil {
+				unanswered("connect: " + derr.Error())
+				return results, tm, derr
+			}
+			cn, nc = fresh, fresh.c
+			ok, err = begin()
 		}
 	}
-	if err := store(func() error { return nc.Mail(env.From, &smtp.MailOptions{UTF8: utf8Needed, Size: env.Size}) }); err != nil {
+	if !ok {
+		for i := range results {
+			results[i] = Result{Rcpt: env.To[i], Code: 550, Enhanced: "5.6.7", Text: "backend does not support SMTPUTF8 for a non-ASCII address"}
+		}
+		keep()
+		return results, tm, nil
+	}
+	if err != nil {
 		if r, ok := replyOf(err); ok && r.Code != 421 {
 			// MAIL refused for this message (e.g. 552 size): same verdict
 			// for every recipient.

@@ -3,6 +3,7 @@ package delivery_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -142,5 +143,41 @@ func TestSMTPUTF8(t *testing.T) {
 	res, err := c.Deliver(context.Background(), e, strings.NewReader(msg))
 	if err != nil || !res[0].Success() {
 		t.Fatalf("UTF-8 recipient to an SMTPUTF8 backend: %v %+v", err, res)
+	}
+}
+
+// A store that restarted closed the pooled connections; the next delivery
+// (an ASCII one, and one that needs SMTPUTF8) goes through on a new
+// connection instead of failing as "unreachable" at MAIL (which opened the
+// drain's circuit after every restart of the store), or being refused
+// for good as if the store lacked SMTPUTF8.
+func TestPooledConnectionsOfARestartedStore(t *testing.T) {
+	for _, utf8 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("utf8=%v", utf8), func(t *testing.T) {
+			be, err := testbackend.Start("127.0.0.1:0", testbackend.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer be.Close()
+			c := delivery.New(delivery.Options{Protocol: "lmtp", Address: be.Addr(), MaxIdle: 4, ConnectTimeout: time.Second})
+			defer c.Close()
+			rcpt := "u@x.test"
+			if utf8 {
+				rcpt = "zoë@x.test"
+			}
+			e := env(rcpt)
+			e.UTF8 = utf8
+			if res, err := c.Deliver(context.Background(), e, strings.NewReader(msg)); err != nil || !res[0].Success() {
+				t.Fatalf("first delivery: %v %+v", err, res)
+			}
+			be.Down()
+			if err := be.Up(); err != nil {
+				t.Fatal(err)
+			}
+			res, err := c.Deliver(context.Background(), e, strings.NewReader(msg))
+			if err != nil || !res[0].Success() {
+				t.Fatalf("delivery after the store restarted: %v %+v", err, res)
+			}
+		})
 	}
 }

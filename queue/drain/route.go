@@ -24,6 +24,12 @@ type routeDrain struct {
 	breaker breaker
 	kick    chan struct{}
 	wake    <-chan struct{}
+	// outcomes bounds the deliveries made but not yet recorded in the
+	// queue (deleting a record costs the stream an fsync; a store faster
+	// than that would otherwise pile up finished deliveries in memory, and
+	// a crash would deliver all of them again). It is what bounds the
+	// duplicates after a crash.
+	outcomes chan struct{}
 
 	mu       sync.Mutex
 	ramp     *ramp
@@ -71,6 +77,7 @@ func newRouteDrain(d *Drainer, r Route) *routeDrain {
 		gov:      newGovernor(rp.st.Rate, rp.st.Concurrency),
 		breaker:  breaker{threshold: 3},
 		kick:     make(chan struct{}, 1),
+		outcomes: make(chan struct{}, max(2*r.Ramp.MaxConcurrency, 32)),
 		wake:     d.idx.Wake(r.Name),
 		inflight: map[uint64]bool{},
 		recent:   map[uint64]time.Time{},
@@ -158,19 +165,30 @@ func (rd *routeDrain) run(ctx context.Context) {
 			rd.idle(ctx)
 			continue
 		}
+		// A delivery holds an outcome token until its outcome is in the
+		// queue; the store's slot is free as soon as the store answered.
+		select {
+		case rd.outcomes <- struct{}{}:
+		case <-ctx.Done():
+			rd.putBack(p.at)
+			return
+		}
 		if err := rd.gov.acquire(ctx); err != nil {
+			<-rd.outcomes
 			rd.putBack(p.at)
 			return
 		}
 		if rd.breaker.isOpen() {
 			// Opened while we waited for a slot: this one waits too.
 			rd.gov.release()
+			<-rd.outcomes
 			rd.putBack(p.at)
 			continue
 		}
 		if c := o.Control; c != nil && c.Held(p.rec.Env.ID) {
 			// Held while it waited for a slot.
 			rd.gov.release()
+			<-rd.outcomes
 			continue
 		}
 		rd.mu.Lock()
@@ -179,6 +197,7 @@ func (rd *routeDrain) run(ctx context.Context) {
 		rd.wg.Add(1)
 		go func() {
 			defer rd.wg.Done()
+			defer func() { <-rd.outcomes }()
 			rd.deliver(ctx, p)
 		}()
 	}
