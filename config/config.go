@@ -33,6 +33,13 @@ type Config struct {
 	NodeName string `mapstructure:"node_name"`
 	// DataDir holds JetStream's store and the control plane's state.
 	DataDir string `mapstructure:"data_dir"`
+	// MemoryLimit is a soft limit on the Go heap (runtime/debug's
+	// SetMemoryLimit): near it the garbage collector works harder, it
+	// never fails an allocation. It keeps the memory of a node under a
+	// steady heavy load (JetStream's caches of the blocks it writes, freed
+	// memory not yet returned) near what is live. 0: no limit. The
+	// GOMEMLIMIT environment variable, when set, wins.
+	MemoryLimit ByteSize `mapstructure:"memory_limit"`
 
 	Log     Log     `mapstructure:"log"`
 	SMTP    SMTP    `mapstructure:"smtp"`
@@ -310,6 +317,7 @@ func Defaults() map[string]any {
 	return map[string]any{
 		"node_name":                       host,
 		"data_dir":                        "./mxq-data",
+		"memory_limit":                    "192MiB",
 		"log.level":                       "info",
 		"log.format":                      "text",
 		"smtp.listen":                     "127.0.0.1:2525",
@@ -603,6 +611,9 @@ func (c *Config) validate() Errors {
 	}
 	if c.DataDir == "" {
 		bad("data_dir", "must not be empty")
+	}
+	if c.MemoryLimit != 0 && c.MemoryLimit < 64<<20 {
+		bad("memory_limit", "want 0 (none) or at least 64MiB, got %v", c.MemoryLimit)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -69,6 +69,9 @@ func TestScaleSmall(t *testing.T) {
 	if lost := r.Lost(); r.Err == "" && lost > 0 {
 		t.Errorf("%d accepted messages neither delivered nor queued", lost)
 	}
+	if bound := (1 + len(r.Crashes)) * max(2*sinkConcurrency, 32); r.Dups > bound {
+		t.Errorf("%d duplicate deliveries, want at most %d (what a kill -9 during the drain may deliver again)", r.Dups, bound)
+	}
 	if len(r.Steps) != 2 {
 		t.Fatalf("%d steps measured, want 2", len(r.Steps))
 	}

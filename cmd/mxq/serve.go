@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 	"time"
@@ -91,6 +92,9 @@ func newLogger(cfg *config.Config) *slog.Logger {
 // drain after its deliveries, and only then close the store.
 func serve(ctx context.Context, cfg *config.Config) error {
 	log := newLogger(cfg)
+	if _, set := os.LookupEnv("GOMEMLIMIT"); !set && cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
+	}
 
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data directory: %w", err)
@@ -381,7 +385,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	// Work that does not bound the first 250: after SMTP opens.
 	go collectOrphans(drainCtx, log, store, emb != nil && !cfg.Clustered(), orphansBefore)
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
-		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0))
+		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0), "memory_limit", debug.SetMemoryLimit(-1))
 
 	var runErr error
 	select {

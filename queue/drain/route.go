@@ -388,10 +388,14 @@ func (rd *routeDrain) read(ctx context.Context, dues []catalog.Due) ([]picked, e
 	subject := rd.d.src.QueueSubject(rd.r.Name)
 	var gone []uint64
 	for i := 0; i < len(seqs); {
-		// One read covers the wanted records from seqs[i] on, as far as
-		// the records in between allow: due records of a backlog are
-		// mostly consecutive on the route's subject.
-		recs, pending, err := rd.d.src.ReadFrom(ctx, subject, seqs[i], len(seqs)-i, 16<<20)
+		// One read covers the wanted records from seqs[i] on: due records
+		// of a backlog are mostly consecutive on the route's subject, with
+		// held ones or retries not due between them. Asking for as many
+		// records as the wanted ones span (up to four times as many as
+		// are wanted) reads past those in one request.
+		n := len(seqs) - i
+		n = int(min(seqs[len(seqs)-1]-seqs[i]+1, uint64(4*n)))
+		recs, pending, err := rd.d.src.ReadFrom(ctx, subject, seqs[i], n, 16<<20)
 		if err != nil {
 			// What was not read is looked at again after RetryMin;
 			// what was is delivered.
