@@ -171,7 +171,7 @@ func (rep *Report) Markdown() string {
 	p("| mail | %d B messages over SMTP, %d sessions, one message per connection; %s recipients (about %d messages each by the end) plus %s with %d; a fifth from %s |",
 		o.Size, o.Sessions, num(max(o.N/o.PerUser, 1)), o.PerUser, knownUser, newMailGen(1, o.Steps[0], o.Size).knownTotal(), bulkSender)
 	p("")
-	p("Each step fills the queue to the backlog with the store down, waits 2 s, reads VmRSS, then runs every query %d times, interleaved, and reports the median (ms, the HTTP request or the IMAP session; `timeout` after %v). `(!)` marks an answer that was wrong (see the notes). Restart: kill -9, start on the same data, seconds until a message is answered 250 and until an IMAP LOGIN + SELECT shows the known user's mail.", o.Tries, o.Timeout)
+	p("Each step fills the queue to the backlog with the store down, waits %v (JetStream keeps the blocks it wrote cached for 10 s; the peak during the fill is in the maximum below), has mxq collect its garbage twice (what an idle process does by itself within minutes), reads VmRSS, then runs every query %d times, interleaved, and reports the median (ms, the HTTP request or the IMAP session; `timeout` after %v). `(!)` marks an answer that was wrong (see the notes). Restart: kill -9, start on the same data, seconds until a message is answered 250 and until an IMAP LOGIN + SELECT shows the known user's mail.", rssSettle, o.Tries, o.Timeout)
 	for _, r := range rep.Settings {
 		p("")
 		p("## Continuity %s", onOff(r.Continuity))

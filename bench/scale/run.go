@@ -158,7 +158,7 @@ type StepResult struct {
 	Step     int        // the nominal backlog
 	Queued   uint64     // records in the queue after the fill (status)
 	Load     loadResult // the step's fill
-	RSS, HWM float64    // MiB, after the fill and a 2 s settle
+	RSS, HWM float64    // MiB, after the fill and rssSettle
 	DataMiB  float64    // the data directory's size
 	Queries  map[string]latency
 	Restart  *RestartResult // nil: not restarted at this step
@@ -411,7 +411,15 @@ func (s *setting) run() error {
 		s.logf("step %d: %d accepted in %v: %.0f msg/s", step, load.Accepted, load.Elapsed.Round(time.Millisecond), load.rate())
 		r := StepResult{Step: step, Load: load}
 		s.rss.setPhase(fmt.Sprintf("queries at %d", step))
-		time.Sleep(2 * time.Second) // settle: the group committer, the index, the GC
+		// Settle, so that RSS says what the backlog costs, not what the
+		// fill that just ended did: JetStream keeps the blocks it wrote in
+		// memory until they are 10 s unused. (The peak during the fill is
+		// in the run's maximum RSS.)
+		time.Sleep(rssSettle)
+		if err := s.node.collectGarbage(s.ctx); err != nil {
+			s.note("step %d: garbage collection before RSS: %v", step, err)
+		}
+		time.Sleep(time.Second)
 		r.RSS, r.HWM = memory(s.node.pid())
 		r.DataMiB = dirMiB(filepath.Join(s.node.dir, "data"))
 		if st, err := s.node.status(s.ctx); err == nil {
@@ -938,3 +946,6 @@ func crashCause(logPath string) string {
 	}
 	return "exited"
 }
+
+// rssSettle is how long a step waits after its fill before it reads RSS.
+const rssSettle = 12 * time.Second

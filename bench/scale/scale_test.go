@@ -13,16 +13,18 @@ import (
 	"time"
 )
 
-// TestScaleSmall is the benchmark at 50 000 messages (steps 10 000 and
-// 50 000, continuity on), as CI runs it. It asserts only what the same
-// run measured at its first step, never an absolute time, with bounds
-// lenient enough for a shared machine: accept and drain rates at 50 k at
-// least 0.8 of those at 10 k, RSS at most 100 MiB above, and each query
-// at most five times its 10 k latency (or 100 ms, whichever is more). It
-// also fails if mxq crashed, lost a message, or the run stopped early.
+// TestScaleSmall is the benchmark at 90 000 messages (steps 10 000,
+// 50 000 and 90 000, continuity on), as CI runs it. It asserts only what
+// the same run measured at its other steps, never an absolute time, with
+// bounds lenient enough for a shared machine: accept and drain rates at
+// 90 k at least 0.8 of those at 10 k, RSS at 90 k at most 50 MiB above
+// that at 50 k (the two steps with fills alike), each query at most five
+// times its 10 k latency (or 100 ms, whichever is more), and duplicates
+// within what mxq bounds. It also fails if mxq crashed, lost a message, or
+// the run stopped early.
 func TestScaleSmall(t *testing.T) {
 	if testing.Short() {
-		t.Skip("the scale benchmark's small run takes about two minutes")
+		t.Skip("the scale benchmark's small run takes about three minutes")
 	}
 	if _, err := exec.LookPath("go"); err != nil {
 		if os.Getenv("MXQ_E2E") == "require" {
@@ -36,8 +38,8 @@ func TestScaleSmall(t *testing.T) {
 	}
 	var progress strings.Builder
 	o := Options{
-		N:          50_000,
-		Steps:      []int{10_000, 50_000},
+		N:          90_000,
+		Steps:      []int{10_000, 50_000, 90_000},
 		Continuity: []bool{true},
 		// As the command's defaults.
 		RestartEveryStep: true,
@@ -72,19 +74,22 @@ func TestScaleSmall(t *testing.T) {
 	if bound := (1 + len(r.Crashes)) * max(2*sinkConcurrency, 32); r.Dups > bound {
 		t.Errorf("%d duplicate deliveries, want at most %d (what a kill -9 during the drain may deliver again)", r.Dups, bound)
 	}
-	if len(r.Steps) != 2 {
-		t.Fatalf("%d steps measured, want 2", len(r.Steps))
+	if len(r.Steps) != 3 {
+		t.Fatalf("%d steps measured, want 3", len(r.Steps))
 	}
-	small, big := r.Steps[0], r.Steps[1]
+	small, mid, big := r.Steps[0], r.Steps[1], r.Steps[2]
 	x := r.Ratios()
 	if x.Accept < 0.8 {
-		t.Errorf("accept rate at 50 k is %.2f × the rate at 10 k (%.0f vs %.0f msg/s); want ≥ 0.8", x.Accept, big.Load.rate(), small.Load.rate())
+		t.Errorf("accept rate at 90 k is %.2f × the rate at 10 k (%.0f vs %.0f msg/s); want ≥ 0.8", x.Accept, big.Load.rate(), small.Load.rate())
 	}
 	if x.Drain < 0.8 {
-		t.Errorf("drain rate at 50 k is %.2f × the rate at 10 k; want ≥ 0.8", x.Drain)
+		t.Errorf("drain rate at 90 k is %.2f × the rate at 10 k; want ≥ 0.8", x.Drain)
 	}
-	if big.RSS > small.RSS+100 {
-		t.Errorf("RSS at 50 k is %.0f MiB, at 10 k %.0f MiB; want at most 100 MiB more", big.RSS, small.RSS)
+	// RSS is compared between the two steps whose fills were alike (40 k
+	// messages each): what JetStream caches of the blocks written in the
+	// last 10 s depends on how long the fill ran, not on the backlog.
+	if big.RSS > mid.RSS+50 {
+		t.Errorf("RSS at 90 k is %.0f MiB, at 50 k %.0f MiB; want at most 50 MiB more", big.RSS, mid.RSS)
 	}
 	for _, name := range queryNames {
 		a, b := small.Queries[name], big.Queries[name]
@@ -92,14 +97,14 @@ func TestScaleSmall(t *testing.T) {
 			continue
 		}
 		if !a.ok() || !b.ok() {
-			t.Errorf("%s: no latency at 10 k (%s) or at 50 k (%s)", name, a.Err, b.Err)
+			t.Errorf("%s: no latency at 10 k (%s) or at 90 k (%s)", name, a.Err, b.Err)
 			continue
 		}
 		if a.Note != "" || b.Note != "" {
 			t.Errorf("%s: wrong answer: %s %s", name, a.Note, b.Note)
 		}
 		if limit := max(5*a.MS, 100); b.MS > limit {
-			t.Errorf("%s takes %.1f ms at 50 k against %.1f ms at 10 k; want at most %.0f ms", name, b.MS, a.MS, limit)
+			t.Errorf("%s takes %.1f ms at 90 k against %.1f ms at 10 k; want at most %.0f ms", name, b.MS, a.MS, limit)
 		}
 	}
 }
