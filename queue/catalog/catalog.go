@@ -166,8 +166,15 @@ func (c *Catalog) open() error {
 	defer cache.Unref()
 	db, err := pebble.Open(c.o.Dir, &pebble.Options{
 		Cache:        cache,
-		MemTableSize: 4 << 20,
-		Logger:       pebbleLogger{c.log},
+		MemTableSize: 8 << 20,
+		// No write-ahead log: the catalog is derived from the stream, and
+		// each batch carries the position it reached. A crash loses what
+		// was not yet flushed from the memtable, and leaves the position
+		// of the last flush, from which following the stream again makes
+		// the same keys. (Holds and forgets, which do not come from the
+		// stream, are reconciled at every start and found again.)
+		DisableWAL: true,
+		Logger:     pebbleLogger{c.log},
 	})
 	if err != nil {
 		return fmt.Errorf("catalog: opening %s: %w", c.o.Dir, err)
@@ -237,7 +244,13 @@ func (c *Catalog) reset(st queue.StreamState) error {
 	b.Set(keyMeta("created"), u64(nil, uint64(st.Created.UnixNano())), nil)
 	b.Set(keyMeta("uidv"), u64(nil, uint64(c.uidv)), nil)
 	c.setMeta(b)
-	return b.Commit(pebble.Sync)
+	if err := b.Commit(pebble.NoSync); err != nil {
+		return fmt.Errorf("catalog: %w", err)
+	}
+	if err := c.db.Flush(); err != nil {
+		return fmt.Errorf("catalog: %w", err)
+	}
+	return nil
 }
 
 func (c *Catalog) metaU64(name string) (uint64, bool, error) {
@@ -283,7 +296,14 @@ func (c *Catalog) Close() error {
 	c.mu.Lock()
 	c.closed = true
 	c.mu.Unlock()
-	return c.db.Close()
+	// Without a write-ahead log, what is in the memtable is lost unless
+	// flushed: a clean stop keeps it, so the next start need not follow
+	// the stream again from the last flush.
+	ferr := c.db.Flush()
+	if err := c.db.Close(); err != nil {
+		return err
+	}
+	return ferr
 }
 
 // Ready is closed once the catalog has caught up with the stream once.
