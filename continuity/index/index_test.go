@@ -215,3 +215,27 @@ func TestFollows(t *testing.T) {
 		t.Fatalf("%+v %v", m, ok)
 	}
 }
+
+// The cache of parsed headers is bounded: before, every header a user
+// looked at stayed in memory for as long as the message was held.
+func TestSummaryCacheIsBounded(t *testing.T) {
+	s := teststore.New(t, 0)
+	const alice = "alice@example.test"
+	for i := 0; i < 3; i++ {
+		teststore.Enqueue(t, s, teststore.Message("m", "x"), alice)
+	}
+	x := New(teststore.Catalog(t, s), s, Options{Summaries: 2})
+	syncNow(t, x)
+	for uid := uint32(1); uid <= 3; uid++ {
+		x.SetSummary(alice, uid, &Summary{Subject: "s"})
+	}
+	if n := x.Stats().Summaries; n != 2 {
+		t.Fatalf("%d summaries cached, want the bound of 2", n)
+	}
+	if m, _ := x.Get(alice, 1); m.Summary != nil {
+		t.Fatal("the least recently used summary was kept")
+	}
+	if m, _ := x.Get(alice, 3); m.Summary == nil {
+		t.Fatal("the newest summary was evicted")
+	}
+}
