@@ -142,7 +142,15 @@ func Open(ctx context.Context, store *queue.Store, o Options) (*Catalog, error) 
 		return nil, fmt.Errorf("catalog: %w", err)
 	}
 	if err := c.open(); err != nil {
-		return nil, err
+		// A database that cannot be opened (damaged by a disk error, say)
+		// is derived state: start it over rather than keep mxq down.
+		c.log.Error("catalog of the queue cannot be opened; building it again from the stream", "err", err)
+		if err := os.RemoveAll(c.o.Dir); err != nil {
+			return nil, fmt.Errorf("catalog: %w", err)
+		}
+		if err := c.open(); err != nil {
+			return nil, err
+		}
 	}
 	why, err := c.doubt(st)
 	if err != nil {
@@ -293,9 +301,6 @@ func (c *Catalog) setMeta(b *pebble.Batch) {
 
 // Close closes the database; call it after Run returned.
 func (c *Catalog) Close() error {
-	c.mu.Lock()
-	c.closed = true
-	c.mu.Unlock()
 	// Without a write-ahead log, what is in the memtable is lost unless
 	// flushed: a clean stop keeps it, so the next start need not follow
 	// the stream again from the last flush.
@@ -343,6 +348,9 @@ func (p pebbleLogger) Infof(format string, args ...any) {
 func (p pebbleLogger) Errorf(format string, args ...any) {
 	p.l.Warn(fmt.Sprintf("pebble: "+format, args...))
 }
+
+// Fatalf is Pebble's word that it cannot go on safely; the process stops
+// (the catalog is rebuilt from the stream at the next start if need be).
 func (p pebbleLogger) Fatalf(format string, args ...any) {
 	p.l.Error(fmt.Sprintf("pebble: "+format, args...))
 	os.Exit(1)
