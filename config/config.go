@@ -317,7 +317,7 @@ func Defaults() map[string]any {
 	return map[string]any{
 		"node_name":                       host,
 		"data_dir":                        "./mxq-data",
-		"memory_limit":                    "192MiB",
+		"memory_limit":                    "320MiB",
 		"log.level":                       "info",
 		"log.format":                      "text",
 		"smtp.listen":                     "127.0.0.1:2525",

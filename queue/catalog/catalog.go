@@ -48,6 +48,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mxq-dev/mxq/queue"
@@ -65,7 +67,7 @@ type Options struct {
 	// TombstoneTTL is how long tombstones live in the stream: a catalog not
 	// kept up for half of it is rebuilt. Zero: queue.DefaultTombstoneTTL.
 	TombstoneTTL time.Duration
-	// CacheSize is the database's block cache (default 16 MiB).
+	// CacheSize is the database's block cache (default 8 MiB).
 	CacheSize int64
 	Now       func() time.Time
 	Logger    *slog.Logger
@@ -82,6 +84,7 @@ type Catalog struct {
 
 	// Written by the apply loop only.
 	pos     uint64 // next sequence to apply
+	fresh   uint64 // above every sequence added since Run started
 	stats   Stats
 	purgeAt time.Time // when to purge old tombstones next
 
@@ -129,7 +132,7 @@ func Open(ctx context.Context, store *queue.Store, o Options) (*Catalog, error) 
 		o.TombstoneTTL = queue.DefaultTombstoneTTL
 	}
 	if o.CacheSize <= 0 {
-		o.CacheSize = 16 << 20
+		o.CacheSize = 8 << 20
 	}
 	c := &Catalog{
 		o: o, store: store, log: o.Logger,
@@ -172,9 +175,16 @@ func (c *Catalog) open() error {
 	}
 	cache := pebble.NewCache(c.o.CacheSize)
 	defer cache.Unref()
-	db, err := pebble.Open(c.o.Dir, &pebble.Options{
+	opts := &pebble.Options{
 		Cache:        cache,
-		MemTableSize: 8 << 20,
+		MemTableSize: 16 << 20,
+		// Compaction is the catalog's main cost while a backlog grows: a
+		// large base level and L0 left to grow a little keep the number of
+		// times each key is rewritten low, and keys are small enough that
+		// compressing them costs more CPU than the disk it saves.
+		LBaseMaxBytes:         256 << 20,
+		L0CompactionThreshold: 8,
+		L0StopWritesThreshold: 24,
 		// No write-ahead log: the catalog is derived from the stream, and
 		// each batch carries the position it reached. A crash loses what
 		// was not yet flushed from the memtable, and leaves the position
@@ -183,7 +193,16 @@ func (c *Catalog) open() error {
 		// stream, are reconciled at every start and found again.)
 		DisableWAL: true,
 		Logger:     pebbleLogger{c.log},
-	})
+	}
+	// Bloom filters on every level: following the stream asks for keys
+	// that are mostly absent (is this message new in this mailbox?), and
+	// without a filter every such miss reads a block of each level, a cost
+	// that grows with the catalog.
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+		opts.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
+	}
+	db, err := pebble.Open(c.o.Dir, opts)
 	if err != nil {
 		return fmt.Errorf("catalog: opening %s: %w", c.o.Dir, err)
 	}

@@ -298,9 +298,14 @@ func (c *Catalog) applyMsg(b *pebble.Batch, p *pending, m jetstream.Msg, md *jet
 // add indexes a record.
 func (c *Catalog) add(b *pebble.Batch, p *pending, seq uint64, stored time.Time, dead bool, env *envelope.Envelope) error {
 	rk := keyRecord(seq)
-	if _, ok, err := getBatch(b, rk); err != nil || ok {
-		return err // already indexed (a consumer that started over)
+	if seq < c.fresh {
+		// The stream delivers in order: only a sequence below the highest
+		// one this run applied can be one seen before.
+		if _, ok, err := getBatch(b, rk); err != nil || ok {
+			return err // already indexed
+		}
 	}
+	c.fresh = max(c.fresh, seq+1)
 	r := record{dead: dead, route: env.Route, id: env.ID, token: env.BodyToken}
 	if !env.NextAttempt.IsZero() {
 		r.next = env.NextAttempt.UnixNano()
