@@ -22,11 +22,28 @@ import (
 	"github.com/mxq-dev/mxq/queue/envelope"
 )
 
+// status answers GET /api/v1/status to anyone: in full to a token, without
+// its free text (Status.Redact) to a caller without one. A token that is
+// given but wrong is refused rather than quietly answered in part, so
+// that a mistyped token shows at once.
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	a := s.accessFor(r)
+	if a == invalid {
+		msg := msgBadToken
+		if !s.tokens() {
+			msg = msgNoTokens
+		}
+		unauthorized(w, msg)
+		return
+	}
 	st, err := s.Status(r.Context())
 	if err != nil {
+		// The node's own health, as open as /readyz.
 		writeErr(w, http.StatusServiceUnavailable, err.Error())
 		return
+	}
+	if a == anonymous {
+		st.Redact()
 	}
 	writeJSON(w, http.StatusOK, st)
 }
@@ -241,6 +258,7 @@ func (s *Server) list(kind queue.Kind) http.HandlerFunc {
 				writeErr(w, http.StatusServiceUnavailable, err.Error())
 				return
 			}
+			s.auditList(r, kind, f, cursor, out)
 			writeJSON(w, http.StatusOK, out)
 			return
 		}
@@ -262,8 +280,15 @@ func (s *Server) list(kind queue.Kind) http.HandlerFunc {
 		if len(out.Items) >= limit {
 			out.Next = next
 		}
+		s.auditList(r, kind, f, cursor, out)
 		writeJSON(w, http.StatusOK, out)
 	}
+}
+
+// auditList logs a page of a listing: envelopes are content (who wrote to
+// whom), so a listing is logged like a read of a message, one line a page.
+func (s *Server) auditList(r *http.Request, kind queue.Kind, f *Filter, cursor uint64, out List) {
+	s.audit(r, "list", "kind", kindName(kind), "filter", f.String(), "cursor", cursor, "items", len(out.Items))
 }
 
 // find answers the records of the queue ID in the request's path, or
@@ -291,6 +316,7 @@ func (s *Server) show(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	s.audit(r, "show", "kind", kindOf(r), "id", id)
 	m := Message{ID: id, Held: s.ctl.Held(id)}
 	for _, rec := range recs {
 		m.Records = append(m.Records, s.item(rec))
@@ -325,7 +351,7 @@ func (s *Server) raw(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "message/rfc822")
 	w.Header().Set("Content-Length", strconv.FormatInt(full.Env.Size, 10))
-	s.audit(r, "export", "id", id)
+	s.audit(r, "export", "kind", kindOf(r), "id", id, "bytes", full.Env.Size)
 	if _, err := io.Copy(w, s.store.Body(r.Context(), full)); err != nil {
 		s.log.Warn("export cut short", "id", id, "err", err)
 	}
@@ -377,6 +403,15 @@ func (s *Server) bulk(kind queue.Kind, action string) http.HandlerFunc {
 		}
 		writeJSON(w, code, res)
 	}
+}
+
+// kindOf names what a request's path asks for: /api/v1/dlq/... the dead
+// letters, else the queue (show and raw answer from both).
+func kindOf(r *http.Request) string {
+	if strings.HasPrefix(r.URL.Path, "/api/v1/dlq/") {
+		return kindName(queue.Dead)
+	}
+	return kindName(queue.Queued)
 }
 
 func kindName(k queue.Kind) string {

@@ -3,6 +3,8 @@ package admin
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,10 +18,33 @@ import (
 
 // Client talks to a node's admin API; the CLI is built on it.
 type Client struct {
-	Base     string // http://127.0.0.1:8025
+	Base string // http://127.0.0.1:8025
+	// Token is the node's admin token, or its read-only token (reads
+	// only); empty: the open endpoints only.
 	Token    string
 	Operator string // sent for the audit log
-	HTTP     *http.Client
+	// HTTP is the client to use; nil: HTTPClient(nil).
+	HTTP *http.Client
+}
+
+// HTTPClient is an HTTP client for the admin API: a timeout long enough
+// for a bulk action over millions of messages and, when caPEM holds
+// certificates, HTTPS that trusts those CAs alone, for an API whose
+// certificate (admin.tls) comes from a private CA. Without caPEM the
+// system's roots are trusted (SSL_CERT_FILE and SSL_CERT_DIR change them).
+func HTTPClient(caPEM []byte) (*http.Client, error) {
+	c := &http.Client{Timeout: 5 * time.Minute}
+	if caPEM == nil {
+		return c, nil
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, errors.New("no PEM certificate in it")
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	c.Transport = tr
+	return c, nil
 }
 
 // APIError is an error reply from the server.
@@ -71,7 +96,8 @@ func (c *Client) httpClient() *http.Client {
 	if c.HTTP != nil {
 		return c.HTTP
 	}
-	return &http.Client{Timeout: 5 * time.Minute}
+	hc, _ := HTTPClient(nil) // cannot fail without a CA
+	return hc
 }
 
 func (c *Client) auth(req *http.Request) {

@@ -3,12 +3,30 @@
 // queued mail and dead letters), Prometheus metrics, and the liveness and
 // readiness probes Kubernetes asks.
 //
-// Reads need the bearer token when one is configured; writes always do,
-// and with no token configured they are refused outright: an admin port
-// that someone forgot to protect can show the queue but not empty it.
-// Tokens are compared in constant time. Every write is logged with who
-// asked (address and the operator name the CLI sends), what, and on how
-// many messages.
+// Access has three levels, because the admin port is often reachable by
+// more than the operators (a published Docker port, a Service in the
+// cluster) and what it serves is people's mail:
+//
+//   - open, no token ever: /healthz, /readyz, /metrics, and GET
+//     /api/v1/status without its free text (see Status.Redact): counts,
+//     rates, circuits and ramps are what a dashboard or an alert needs and
+//     carry no addresses;
+//   - read, the admin token or the read-only token (admin.read_token):
+//     listings, a message's envelope and header, its raw bytes, the dead
+//     letters, the continuity view (which names users) and the profiler
+//     (a heap profile holds whatever the process held, mail included);
+//   - write, the admin token only: pause, rate ceilings, hold, delete,
+//     bounce, requeue.
+//
+// With no token configured nothing but the open level is served: an admin
+// port that someone forgot to protect shows how the queue is doing, not
+// what is in it, and cannot empty it. A read-only token lets a dashboard
+// or a support desk look at mail without being able to delete it. Tokens
+// are compared in constant time, over their hashes so that the length does
+// not leak either. Every write, and every read of a message's content
+// (its header, its raw bytes, a listing of envelopes, a profile), is
+// logged with who asked (address and the operator name the CLI sends),
+// with which token, what, and on how many messages.
 //
 // Bulk actions stream: they walk the queue's envelopes (headers only) and
 // act record by record, so bouncing a million messages needs no more
@@ -69,8 +87,14 @@ type Drain interface {
 
 // Options configures the server.
 type Options struct {
-	Node  string
-	Token string // empty: read-only
+	Node string
+	// Token authorizes everything (admin.token); empty: nothing can be
+	// changed.
+	Token string
+	// ReadToken authorizes reading only (admin.read_token): listings,
+	// messages, dead letters, the continuity view, profiles. Empty: only
+	// Token reads. With neither, only the open endpoints answer.
+	ReadToken string
 	// Routes are the configured backends, for status even before any
 	// delivery.
 	Routes []string
@@ -106,7 +130,9 @@ type Server struct {
 	metrics  *Metrics
 	log      *slog.Logger
 	mux      *http.ServeMux
-	token    [32]byte
+	// The tokens' SHA-256; a zero hash stands for "not configured" (no
+	// string hashes to zero).
+	token, readToken [32]byte
 
 	mu      sync.Mutex
 	samples []sample // delivered totals over time, for the rate
@@ -130,6 +156,9 @@ func New(o Options, store *queue.Store, ctl Control, d Drain, rep drain.Reporter
 	if o.Token != "" {
 		s.token = sha256.Sum256([]byte(o.Token))
 	}
+	if o.ReadToken != "" {
+		s.readToken = sha256.Sum256([]byte(o.ReadToken))
+	}
 	if m != nil {
 		m.reg.MustRegister(&stateCollector{s: s})
 		s.mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
@@ -137,15 +166,18 @@ func New(o Options, store *queue.Store, ctl Control, d Drain, rep drain.Reporter
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	s.mux.HandleFunc("GET /readyz", s.readyz)
 
-	s.read("GET /api/v1/status", s.status)
+	// Open to all, but its free text only to a token (s.status).
+	s.mux.HandleFunc("GET /api/v1/status", s.status)
+
 	s.read("GET /api/v1/continuity", s.continuity)
-	// Go's profiler, for the operator chasing CPU or memory: behind the
-	// token like every read.
-	s.read("GET /debug/pprof/", pprof.Index)
-	s.read("GET /debug/pprof/profile", pprof.Profile)
-	s.read("GET /debug/pprof/heap", pprof.Handler("heap").ServeHTTP)
-	s.read("GET /debug/pprof/goroutine", pprof.Handler("goroutine").ServeHTTP)
-	s.read("GET /debug/pprof/allocs", pprof.Handler("allocs").ServeHTTP)
+	// Go's profiler, for the operator chasing CPU or memory: a heap
+	// profile holds what the process held, mail included, so it is a read
+	// of content like a message's, and logged like one.
+	s.read("GET /debug/pprof/", s.profile(pprof.Index))
+	s.read("GET /debug/pprof/profile", s.profile(pprof.Profile))
+	s.read("GET /debug/pprof/heap", s.profile(pprof.Handler("heap").ServeHTTP))
+	s.read("GET /debug/pprof/goroutine", s.profile(pprof.Handler("goroutine").ServeHTTP))
+	s.read("GET /debug/pprof/allocs", s.profile(pprof.Handler("allocs").ServeHTTP))
 	s.read("GET /api/v1/queue", s.list(queue.Queued))
 	s.read("GET /api/v1/dlq", s.list(queue.Dead))
 	s.read("GET /api/v1/queue/{id}", s.show)
@@ -168,41 +200,128 @@ func New(o Options, store *queue.Store, ctl Control, d Drain, rep drain.Reporter
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
-// authorized checks the bearer token in constant time (over hashes, so the
-// length does not leak either).
-func (s *Server) authorized(r *http.Request) bool {
-	const prefix = "Bearer "
-	h := r.Header.Get("Authorization")
-	if len(h) <= len(prefix) || h[:len(prefix)] != prefix {
-		return false
+// access is what a request's bearer token allows.
+type access int
+
+const (
+	anonymous access = iota // no Authorization header
+	invalid                 // a bearer token that is neither of ours, or not a bearer token
+	reader                  // the read-only token
+	admin                   // the admin token
+)
+
+// String names the level in the audit log.
+func (a access) String() string {
+	switch a {
+	case reader:
+		return "read"
+	case admin:
+		return "admin"
+	case invalid:
+		return "invalid"
 	}
-	given := sha256.Sum256([]byte(h[len(prefix):]))
-	return subtle.ConstantTimeCompare(given[:], s.token[:]) == 1
+	return "none"
 }
 
+// accessKey carries a request's access level from the wrappers below to
+// the handlers (for the audit log).
+type accessKey struct{}
+
+// accessOf is the level the wrapper found; anonymous outside one.
+func accessOf(r *http.Request) access {
+	a, _ := r.Context().Value(accessKey{}).(access)
+	return a
+}
+
+// The replies that refuse, each naming what to set. The CLI adds where
+// its token comes from (--token, MXQ_ADMIN_TOKEN).
+const (
+	msgNoTokens = "reading mail, dead letters, the continuity view and profiles needs a token, and this node has none: " +
+		"set admin.read_token (or admin.read_token_file) for read-only access, admin.token (or admin.token_file) for everything"
+	msgBadToken      = "invalid or missing bearer token: this needs the node's admin.token or admin.read_token"
+	msgBadAdminToken = "invalid or missing bearer token: changes need the node's admin.token"
+	msgNoAdminToken  = "changes are disabled: no admin token is configured (admin.token or admin.token_file)"
+	msgReadOnly      = "the read-only token (admin.read_token) cannot change anything: use the admin token (admin.token)"
+)
+
+// accessFor checks the bearer token in constant time, over hashes so that
+// the length does not leak either, and against both tokens whichever
+// matches, so that the time does not tell which one was close.
+func (s *Server) accessFor(r *http.Request) access {
+	h, ok := r.Header["Authorization"]
+	if !ok {
+		return anonymous
+	}
+	const prefix = "Bearer "
+	if len(h) != 1 || len(h[0]) <= len(prefix) || h[0][:len(prefix)] != prefix {
+		return invalid
+	}
+	// A token that is not configured is a zero hash, which no token
+	// hashes to: it matches nothing.
+	given := sha256.Sum256([]byte(h[0][len(prefix):]))
+	isAdmin := subtle.ConstantTimeCompare(given[:], s.token[:])
+	isReader := subtle.ConstantTimeCompare(given[:], s.readToken[:])
+	switch {
+	case isAdmin == 1:
+		return admin
+	case isReader == 1:
+		return reader
+	}
+	return invalid
+}
+
+// tokens reports whether any token is configured.
+func (s *Server) tokens() bool { return s.o.Token != "" || s.o.ReadToken != "" }
+
+// unauthorized writes a 401 with the challenge RFC 6750 asks for.
+func unauthorized(w http.ResponseWriter, msg string) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="mxq"`)
+	writeErr(w, http.StatusUnauthorized, msg)
+}
+
+// read serves h to the admin and the read-only token.
 func (s *Server) read(pattern string, h http.HandlerFunc) {
 	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
-		if s.o.Token != "" && !s.authorized(r) {
-			writeErr(w, http.StatusUnauthorized, "invalid or missing bearer token")
-			return
+		a := s.accessFor(r)
+		switch {
+		case a == admin || a == reader:
+			h(w, r.WithContext(context.WithValue(r.Context(), accessKey{}, a)))
+		case !s.tokens():
+			unauthorized(w, msgNoTokens)
+		default:
+			s.log.Warn("admin call refused: bad token", "call", r.URL.Path, "from", r.RemoteAddr, "token", a.String())
+			unauthorized(w, msgBadToken)
 		}
-		h(w, r)
 	})
 }
 
+// write serves h to the admin token only.
 func (s *Server) write(pattern string, h http.HandlerFunc) {
 	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		if s.o.Token == "" {
-			writeErr(w, http.StatusForbidden, "changes are disabled: no admin token is configured (admin.token or admin.token_file)")
+			writeErr(w, http.StatusForbidden, msgNoAdminToken)
 			return
 		}
-		if !s.authorized(r) {
-			s.log.Warn("admin call refused: bad token", "call", r.URL.Path, "from", r.RemoteAddr)
-			writeErr(w, http.StatusUnauthorized, "invalid or missing bearer token")
-			return
+		switch a := s.accessFor(r); a {
+		case admin:
+			h(w, r.WithContext(context.WithValue(r.Context(), accessKey{}, a)))
+		case reader:
+			s.log.Warn("admin call refused: read-only token", "call", r.URL.Path, "by", who(r))
+			writeErr(w, http.StatusForbidden, msgReadOnly)
+		default:
+			s.log.Warn("admin call refused: bad token", "call", r.URL.Path, "from", r.RemoteAddr, "token", a.String())
+			unauthorized(w, msgBadAdminToken)
 		}
-		h(w, r)
 	})
+}
+
+// profile logs a read of the profiler (a heap profile is the process's
+// memory, mail included) and serves it.
+func (s *Server) profile(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		s.audit(r, "profile", "path", r.URL.Path)
+		h(w, r)
+	}
 }
 
 // who names the caller for the audit log.
@@ -214,8 +333,10 @@ func who(r *http.Request) string {
 	return fmt.Sprintf("%s from %s", op, r.RemoteAddr)
 }
 
+// audit logs a write or a read of content at info, with who asked and
+// with which token.
 func (s *Server) audit(r *http.Request, what string, attrs ...any) {
-	s.log.Info("admin: "+what, append([]any{"by", who(r)}, attrs...)...)
+	s.log.Info("admin: "+what, append([]any{"by", who(r), "token", accessOf(r).String()}, attrs...)...)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

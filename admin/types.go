@@ -1,6 +1,10 @@
 package admin
 
-import "time"
+import (
+	"strconv"
+	"strings"
+	"time"
+)
 
 // The JSON documents of the admin API, shared by the server and the
 // client the CLI uses.
@@ -16,6 +20,36 @@ type Status struct {
 	// ETASeconds is the time to drain the queue at the current delivery
 	// rate; -1 when nothing is being delivered.
 	ETASeconds float64 `json:"eta_seconds"`
+	// Redacted says the free text was left out (Redact): the caller had
+	// no token.
+	Redacted bool `json:"redacted,omitempty"`
+}
+
+// Hidden stands in for text a caller without a token may not read.
+const Hidden = "hidden: needs a token (admin.read_token or admin.token)"
+
+// Redact makes the status fit for a caller without a token: it keeps what
+// a dashboard or an alert needs and nothing that can carry an address or a
+// message's content. Field by field:
+//
+//   - Time, Paused, ETASeconds, Queue: numbers and flags;
+//   - Node: its name and role are configuration; ReadyError is the node's
+//     health (the queue storage does not answer, no leader), the same text
+//     the open /readyz gives, and kept;
+//   - Members: node IDs and cluster addresses, configuration;
+//   - Backends: names (configuration), circuit, phase and bottleneck (fixed
+//     words), rates and counters; but LastError is what the store last
+//     said, and a store's reply names recipients ("550 5.1.1
+//     <bob@example.com>: no such user"): replaced by Hidden.
+//
+// A field added to Status must be added to this list.
+func (st *Status) Redact() {
+	st.Redacted = true
+	for i := range st.Backends {
+		if st.Backends[i].LastError != "" {
+			st.Backends[i].LastError = Hidden
+		}
+	}
 }
 
 // NodeStatus is the node answering.
@@ -116,6 +150,24 @@ type Filter struct {
 	Backend   string `json:"backend,omitempty"`
 	OlderThan string `json:"older_than,omitempty"` // a Go duration: 2h, 30m
 	Held      *bool  `json:"held,omitempty"`
+}
+
+// String is the filter for the audit log: the fields set, as key=value;
+// "all" when none is.
+func (f *Filter) String() string {
+	var parts []string
+	for _, kv := range [][2]string{{"from", f.From}, {"to", f.To}, {"domain", f.Domain}, {"backend", f.Backend}, {"older_than", f.OlderThan}} {
+		if kv[1] != "" {
+			parts = append(parts, kv[0]+"="+kv[1])
+		}
+	}
+	if f.Held != nil {
+		parts = append(parts, "held="+strconv.FormatBool(*f.Held))
+	}
+	if len(parts) == 0 {
+		return "all"
+	}
+	return strings.Join(parts, " ")
 }
 
 // Selection is the body of a bulk action: IDs, or a filter (All must be

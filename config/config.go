@@ -266,10 +266,16 @@ type Drain struct {
 // Admin configures the admin HTTP API and metrics.
 type Admin struct {
 	Listen string `mapstructure:"listen"` // empty disables
-	// Token authorizes the CLI; TokenFile reads it from a file (a
-	// Kubernetes Secret). Without a token the API is read-only.
+	// Token authorizes the CLI for everything; TokenFile reads it from a
+	// file (a Kubernetes Secret). Without a token nothing can be changed.
 	Token     string `mapstructure:"token"`
 	TokenFile string `mapstructure:"token_file"`
+	// ReadToken authorizes reading only: listings, messages, dead
+	// letters, the continuity view, profiles (a dashboard, a support
+	// desk); ReadTokenFile reads it from a file. Without either token only
+	// the probes, the metrics and a status without free text answer.
+	ReadToken     string `mapstructure:"read_token"`
+	ReadTokenFile string `mapstructure:"read_token_file"`
 	// TLS serves the API over HTTPS; empty: plain HTTP.
 	TLS ServerTLS `mapstructure:"tls"`
 }
@@ -358,6 +364,8 @@ func Defaults() map[string]any {
 		"admin.listen":                    "127.0.0.1:8025",
 		"admin.token":                     "",
 		"admin.token_file":                "",
+		"admin.read_token":                "",
+		"admin.read_token_file":           "",
 		"cluster.peers":                   []string{},
 		"cluster.advertise":               "",
 		"cluster.bind":                    "0.0.0.0",
@@ -815,24 +823,37 @@ func (c *Config) validate() Errors {
 
 	addr("admin.listen", c.Admin.Listen, true)
 	serverTLS("admin.tls", c.Admin.TLS.CertFile, c.Admin.TLS.KeyFile, bad)
-	if c.Admin.Token != "" && c.Admin.TokenFile != "" {
-		bad("admin.token_file", "set admin.token or admin.token_file, not both")
-	}
-	if c.Admin.TokenFile != "" {
-		b, err := os.ReadFile(c.Admin.TokenFile)
-		if err != nil {
-			bad("admin.token_file", "%v", err)
-		} else {
-			c.Admin.Token = strings.TrimSpace(string(b))
-		}
-	}
-	if c.Admin.Token != "" && len(c.Admin.Token) < 16 {
-		bad("admin.token", "at least 16 characters")
+	adminToken("admin.token", &c.Admin.Token, c.Admin.TokenFile, bad)
+	adminToken("admin.read_token", &c.Admin.ReadToken, c.Admin.ReadTokenFile, bad)
+	if c.Admin.ReadToken != "" && c.Admin.ReadToken == c.Admin.Token {
+		bad("admin.read_token", "must differ from admin.token (the same token would allow changes)")
 	}
 	errs = append(errs, c.validateCluster()...)
 	errs = append(errs, c.validateContinuity()...)
 	c.buildRoutes()
 	return errs
+}
+
+// adminToken checks one of the admin API's tokens, key (admin.token or
+// admin.read_token): given in the file or in key_file, not both, and read
+// from the file into *token; at least 16 characters, so that it cannot be
+// guessed over the network.
+func adminToken(key string, token *string, file string, bad func(key, format string, args ...any)) {
+	if *token != "" && file != "" {
+		bad(key+"_file", "set %s or %s_file, not both", key, key)
+		return
+	}
+	if file != "" {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			bad(key+"_file", "%v", err)
+			return
+		}
+		*token = strings.TrimSpace(string(b))
+	}
+	if *token != "" && len(*token) < 16 {
+		bad(key, "at least 16 characters")
+	}
 }
 
 // validateSMTPEdge checks the SMTP edge's limits, PROXY protocol, TLS and

@@ -273,3 +273,76 @@ func TestBackendShorthandParameters(t *testing.T) {
 		t.Fatalf("unknown parameter: %v", err)
 	}
 }
+
+// The admin API's two tokens, from the file, a token file or the
+// environment: each at least 16 characters, given once, and different from
+// each other.
+func TestAdminTokens(t *testing.T) {
+	const (
+		adminTok = "admin-token-0123456789"
+		readTok  = "read-token-0123456789"
+	)
+	dir := t.TempDir()
+	file := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	readFile := file("read", readTok+"\n")
+	shortFile := file("short", "short\n")
+	cases := []struct {
+		name      string
+		yaml      string
+		env       map[string]string
+		wantAdmin string
+		wantRead  string
+		badKey    string // "" : loads
+	}{
+		{name: "none", yaml: "admin: {}"},
+		{name: "both tokens", yaml: "admin: {token: " + adminTok + ", read_token: " + readTok + "}", wantAdmin: adminTok, wantRead: readTok},
+		{name: "read token alone", yaml: "admin: {read_token: " + readTok + "}", wantRead: readTok},
+		{name: "read token from a file, trimmed", yaml: "admin: {read_token_file: " + readFile + "}", wantRead: readTok},
+		{name: "read token from the environment", yaml: "admin: {}", env: map[string]string{"MXQ_ADMIN_READ_TOKEN": readTok}, wantRead: readTok},
+		{name: "read token file from the environment", yaml: "admin: {}", env: map[string]string{"MXQ_ADMIN_READ_TOKEN_FILE": readFile}, wantRead: readTok},
+		{name: "short read token", yaml: "admin: {read_token: short}", badKey: "admin.read_token"},
+		{name: "short read token in its file", yaml: "admin: {read_token_file: " + shortFile + "}", badKey: "admin.read_token"},
+		{name: "read token and its file", yaml: "admin: {read_token: " + readTok + ", read_token_file: " + readFile + "}", badKey: "admin.read_token_file"},
+		{name: "missing read token file", yaml: "admin: {read_token_file: " + filepath.Join(dir, "nosuch") + "}", badKey: "admin.read_token_file"},
+		{name: "read token same as admin token", yaml: "admin: {token: " + adminTok + ", read_token: " + adminTok + "}", badKey: "admin.read_token"},
+		{name: "short admin token", yaml: "admin: {token: short}", badKey: "admin.token"},
+		{name: "admin token and its file", yaml: "admin: {token: " + adminTok + ", token_file: " + readFile + "}", badKey: "admin.token_file"},
+		{name: "admin token file equal to the read token", yaml: "admin: {token_file: " + readFile + ", read_token: " + readTok + "}", badKey: "admin.read_token"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			c, err := Load(writeConfig(t, tc.yaml), nil, nil)
+			if tc.badKey == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if c.Admin.Token != tc.wantAdmin || c.Admin.ReadToken != tc.wantRead {
+					t.Fatalf("token %q, read token %q; want %q, %q", c.Admin.Token, c.Admin.ReadToken, tc.wantAdmin, tc.wantRead)
+				}
+				return
+			}
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("err %v, want a problem with %s", err, tc.badKey)
+			}
+			for _, e := range es {
+				if e.Key == tc.badKey {
+					if strings.Contains(e.Problem, adminTok) || strings.Contains(e.Problem, readTok) {
+						t.Fatalf("the problem shows the token: %s", e.Problem)
+					}
+					return
+				}
+			}
+			t.Fatalf("no problem with %s in:\n%v", tc.badKey, err)
+		})
+	}
+}

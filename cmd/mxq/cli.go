@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,13 +23,21 @@ import (
 // cli holds the flags every operator command shares.
 type cli struct {
 	server string
-	token  string
-	json   bool
-	out    io.Writer
-	in     io.Reader
+	// token is the node's admin token, or its read-only token: enough for
+	// status, queue ls/show/export, dlq ls/show/export, drain watch and
+	// continuity status; the server refuses changes with it (403).
+	token string
+	// ca is a PEM file of the CA that signed the admin API's certificate
+	// (admin.tls), when it is not one the system trusts.
+	ca   string
+	json bool
+	out  io.Writer
+	in   io.Reader
 }
 
-func (c *cli) client() *admin.Client {
+// client is the admin API client of the flags; it fails (exit code 2)
+// only when --ca cannot be read.
+func (c *cli) client() (*admin.Client, error) {
 	op := "cli"
 	if u, err := user.Current(); err == nil {
 		op = u.Username
@@ -36,14 +45,29 @@ func (c *cli) client() *admin.Client {
 	if h, err := os.Hostname(); err == nil {
 		op += "@" + h
 	}
-	return &admin.Client{Base: c.server, Token: c.token, Operator: op}
+	cl := &admin.Client{Base: c.server, Token: c.token, Operator: op}
+	if c.ca != "" {
+		pem, err := os.ReadFile(c.ca)
+		if err != nil {
+			return nil, &exitError{code: 2, err: fmt.Errorf("--ca: %w", err)}
+		}
+		if cl.HTTP, err = admin.HTTPClient(pem); err != nil {
+			return nil, &exitError{code: 2, err: fmt.Errorf("--ca %s: %w", c.ca, err)}
+		}
+	}
+	return cl, nil
 }
 
 // fail turns an API error into a clear message and an exit code: 3 for
-// authorization, 1 for the rest.
+// authorization, 1 for the rest. The server's message says which token
+// the call needs; this adds where the CLI takes it from.
 func fail(err error) error {
-	if errors.Is(err, admin.ErrUnauthorized) {
-		return &exitError{code: 3, err: fmt.Errorf("%w\n(set the token with --token or MXQ_ADMIN_TOKEN)", err)}
+	var unknownCA x509.UnknownAuthorityError
+	switch {
+	case errors.Is(err, admin.ErrUnauthorized):
+		return &exitError{code: 3, err: fmt.Errorf("%w\n(the token comes from --token or MXQ_ADMIN_TOKEN: the node's admin.token for everything, its admin.read_token for reading)", err)}
+	case errors.As(err, &unknownCA):
+		return fmt.Errorf("%w\n(a certificate from a private CA? give the CA with --ca FILE or MXQ_ADMIN_CA)", err)
 	}
 	return err
 }
@@ -55,14 +79,21 @@ func (c *cli) printJSON(v any) error {
 }
 
 func addOperatorCommands(root *cobra.Command) {
-	c := &cli{out: os.Stdout, in: os.Stdin}
+	addOperatorCommandsTo(root, os.Stdout, os.Stdin)
+}
+
+// addOperatorCommandsTo adds the operator commands and their shared flags
+// to root, printing to out and reading confirmations from in.
+func addOperatorCommandsTo(root *cobra.Command, out io.Writer, in io.Reader) {
+	c := &cli{out: out, in: in}
 	pf := root.PersistentFlags()
 	def := os.Getenv("MXQ_SERVER")
 	if def == "" {
 		def = "http://127.0.0.1:8025"
 	}
 	pf.StringVar(&c.server, "server", def, "admin API of a node (MXQ_SERVER)")
-	pf.StringVar(&c.token, "token", os.Getenv("MXQ_ADMIN_TOKEN"), "admin token (MXQ_ADMIN_TOKEN)")
+	pf.StringVar(&c.token, "token", os.Getenv("MXQ_ADMIN_TOKEN"), "the node's admin token, or its read-only token for reading (MXQ_ADMIN_TOKEN)")
+	pf.StringVar(&c.ca, "ca", os.Getenv("MXQ_ADMIN_CA"), "PEM file of the CA of the admin API's certificate, for https:// with a private CA (MXQ_ADMIN_CA)")
 	pf.BoolVar(&c.json, "json", false, "print JSON instead of tables")
 
 	root.AddCommand(c.statusCmd(), c.pauseCmd(true), c.pauseCmd(false), c.rateCmd(), c.queueCmd(false), c.queueCmd(true), c.drainCmd())
@@ -75,7 +106,11 @@ func (c *cli) statusCmd() *cobra.Command {
 		Short: "Show the node, the backends, the queue and the time to drain it",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := c.client().Status(cmd.Context())
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			st, err := cl.Status(cmd.Context())
 			if err != nil {
 				return fail(err)
 			}
@@ -143,6 +178,9 @@ func (c *cli) printStatus(st *admin.Status) {
 			fmt.Fprintf(c.out, "\n%s: the drain is limited by mxq itself (CPU, or reading the queue), not by the store\n", b.Name)
 		}
 	}
+	if st.Redacted {
+		fmt.Fprintln(c.out, "\n(without a token: counts only, last errors hidden; set --token or MXQ_ADMIN_TOKEN)")
+	}
 }
 
 func bytesH(n uint64) string {
@@ -197,8 +235,10 @@ func (c *cli) pauseCmd(pause bool) *cobra.Command {
 		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl := c.client()
-			var err error
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
 			if pause {
 				err = cl.Pause(cmd.Context(), backend)
 			} else {
@@ -232,7 +272,11 @@ func (c *cli) rateCmd() *cobra.Command {
 			if err != nil || r < 0 {
 				return &exitError{code: 2, err: fmt.Errorf("--max: want messages per second like 300/s, got %q", max)}
 			}
-			if err := c.client().SetRate(cmd.Context(), args[0], r, conc); err != nil {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			if err := cl.SetRate(cmd.Context(), args[0], r, conc); err != nil {
 				return fail(err)
 			}
 			fmt.Fprintf(c.out, "%s: ceiling %.0f msg/s, %d connections (0: as configured)\n", args[0], r, conc)
@@ -246,7 +290,11 @@ func (c *cli) rateCmd() *cobra.Command {
 		Short: "Restart a backend's ramp from its start rate",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := c.client().ResetRate(cmd.Context(), args[0]); err != nil {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			if err := cl.ResetRate(cmd.Context(), args[0]); err != nil {
 				return fail(err)
 			}
 			fmt.Fprintf(c.out, "%s: ramp restarted\n", args[0])
@@ -298,7 +346,10 @@ func (c *cli) queueCmd(dead bool) *cobra.Command {
 		Short: "List messages (oldest first), with filters",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl := c.client()
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
 			var items []admin.Item
 			cursor := uint64(0)
 			for {
@@ -332,7 +383,11 @@ func (c *cli) queueCmd(dead bool) *cobra.Command {
 		Short: "Show a message: envelope, attempts, last error per recipient, header",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := c.client().Show(cmd.Context(), dead, args[0])
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			m, err := cl.Show(cmd.Context(), dead, args[0])
 			if err != nil {
 				return fail(err)
 			}
@@ -348,7 +403,11 @@ func (c *cli) queueCmd(dead bool) *cobra.Command {
 		Short: "Write the raw message (.eml) to standard output",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return fail(c.client().Export(cmd.Context(), dead, args[0], c.out))
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			return fail(cl.Export(cmd.Context(), dead, args[0], c.out))
 		},
 	})
 
@@ -386,7 +445,10 @@ func (c *cli) actionCmd(dead bool, action, short string) *cobra.Command {
 			if len(args) == 0 && sel.Filter == nil && !all {
 				return &exitError{code: 2, err: errors.New("name messages by ID, or select them with filters (--from, --to, --domain, --backend, --older-than, --held); --all for every one")}
 			}
-			cl := c.client()
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
 			if action == "delete" || action == "purge" {
 				sel.DryRun = true
 				r, err := cl.Act(cmd.Context(), dead, action, sel)
@@ -531,7 +593,10 @@ func (c *cli) drainCmd() *cobra.Command {
 // watch redraws one status line per backend plus a progress bar until the
 // queue is empty.
 func (c *cli) watch(ctx context.Context, every time.Duration) error {
-	cl := c.client()
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
 	var start uint64
 	lines := 0
 	// The view measures the drain itself, from the queue depth over the

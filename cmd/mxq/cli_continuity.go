@@ -21,8 +21,12 @@ func (c *cli) continuityCmd() *cobra.Command {
 		Short: "Show whether the view is on, its sessions, the users seen, logins and reads",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
 			var st continuity.Status
-			if err := c.client().Continuity(cmd.Context(), &st); err != nil {
+			if err := cl.Continuity(cmd.Context(), &st); err != nil {
 				return fail(err)
 			}
 			if c.json {
