@@ -33,6 +33,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 		if !s.tokens() {
 			msg = msgNoTokens
 		}
+		s.log.Warn("admin call refused: bad token", "call", r.URL.Path, "from", r.RemoteAddr, "token", a.String())
 		unauthorized(w, msg)
 		return
 	}

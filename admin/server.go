@@ -245,8 +245,8 @@ const (
 )
 
 // accessFor checks the bearer token in constant time, over hashes so that
-// the length does not leak either, and against both tokens whichever
-// matches, so that the time does not tell which one was close.
+// the length does not leak either, and always against both tokens, so
+// that the time does not tell which one matched.
 func (s *Server) accessFor(r *http.Request) access {
 	h, ok := r.Header["Authorization"]
 	if !ok {

@@ -560,10 +560,10 @@ continuity: {enabled: true}
 	startMxq(t, fmt.Sprintf(`
 data_dir: {{dir}}/data
 smtp: {listen: "{{smtp}}"}
-admin: {listen: "%s"}
+admin: {listen: "%s", token: "%s"}
 backend: lmtp://%s
-`, adminAddr, freePort(t)))
-	cli, err := exec.Command(mxqBin, "--server", "http://"+adminAddr, "continuity", "status").CombinedOutput()
+`, adminAddr, cliToken, freePort(t)))
+	cli, err := exec.Command(mxqBin, "--server", "http://"+adminAddr, "--token", cliToken, "continuity", "status").CombinedOutput()
 	if err != nil || !strings.Contains(string(cli), "disabled") {
 		t.Fatalf("mxq continuity status: %v\n%s", err, cli)
 	}
