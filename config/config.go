@@ -850,6 +850,12 @@ func adminToken(key string, token *string, file string, bad func(key, format str
 			return
 		}
 		*token = strings.TrimSpace(string(b))
+		if *token == "" {
+			// An empty file is a mistake (a Secret not mounted yet), not
+			// a wish for no token.
+			bad(key+"_file", "%s is empty", file)
+			return
+		}
 	}
 	if *token != "" && len(*token) < 16 {
 		bad(key, "at least 16 characters")

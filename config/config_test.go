@@ -346,3 +346,16 @@ func TestAdminTokens(t *testing.T) {
 		})
 	}
 }
+
+func TestEmptyTokenFileIsAnError(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(f, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"token_file", "read_token_file"} {
+		_, err := Load(writeConfig(t, "admin:\n  "+key+": "+f+"\n"), nil, nil)
+		if err == nil || !strings.Contains(err.Error(), "admin."+key) || !strings.Contains(err.Error(), "empty") {
+			t.Errorf("admin.%s naming an empty file: %v, want an error naming the key", key, err)
+		}
+	}
+}

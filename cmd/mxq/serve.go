@@ -325,7 +325,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 			routeNames = append(routeNames, drain.DSNRoute)
 		}
 		api := admin.New(admin.Options{
-			Node: cfg.NodeName, Token: cfg.Admin.Token, Routes: routeNames,
+			Node: cfg.NodeName, Token: cfg.Admin.Token, ReadToken: cfg.Admin.ReadToken, Routes: routeNames,
 			Ready:  func(ctx context.Context) error { return ready(ctx, cfg, store, rs) },
 			Logger: log.With("component", "admin"), Continuity: cont, Catalog: cat,
 		}, store, ctl, runner, reporter, metrics)
@@ -342,8 +342,11 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		}
 		adminSrv = &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second}
 		go adminSrv.Serve(aln)
-		if cfg.Admin.Token == "" {
-			log.Warn("no admin token: the admin API is read-only (set admin.token or admin.token_file)")
+		switch {
+		case cfg.Admin.Token == "" && cfg.Admin.ReadToken == "":
+			log.Warn("no admin token: the admin API serves only probes, metrics and a status without free text (set admin.token or admin.read_token)")
+		case cfg.Admin.Token == "":
+			log.Warn("no admin token: nothing can be changed over the admin API (set admin.token or admin.token_file)")
 		}
 	}
 
