@@ -9,6 +9,7 @@ package test
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -38,6 +39,7 @@ import (
 	"helm.sh/helm/v3/pkg/releaseutil"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
@@ -61,6 +63,10 @@ var cases = []struct {
 	{"loadbalancer-annotations.yaml", "inbound", "mail"},
 	{"servicemonitor.yaml", "mxq", "monitoring-test"},
 	{"single-replica.yaml", "dev", "default"},
+	{"cluster-existing-secret.yaml", "mxq", "mail"},
+	{"cert-manager.yaml", "mxq", "mail"},
+	{"cluster-insecure.yaml", "mxq", "lab"},
+	{"networkpolicy-custom.yaml", "mx", "mail"},
 }
 
 func readValues(t *testing.T, file string) map[string]any {
@@ -112,6 +118,38 @@ type release struct {
 	pdb        *policyv1.PodDisruptionBudget
 	testPods   []*corev1.Pod
 	monitors   []*unstructured.Unstructured
+	netpols    []*networkingv1.NetworkPolicy
+	certs      map[string]*certificate
+}
+
+// certificate is a cert-manager.io/v1 Certificate, the fields the chart
+// sets: decoded strictly, a misspelt field fails.
+type certificate struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Metadata   struct {
+		Name      string            `json:"name"`
+		Namespace string            `json:"namespace"`
+		Labels    map[string]string `json:"labels"`
+	} `json:"metadata"`
+	Spec struct {
+		SecretName  string   `json:"secretName"`
+		DNSNames    []string `json:"dnsNames"`
+		IPAddresses []string `json:"ipAddresses"`
+		Usages      []string `json:"usages"`
+		Duration    string   `json:"duration"`
+		RenewBefore string   `json:"renewBefore"`
+		PrivateKey  struct {
+			Algorithm      string `json:"algorithm"`
+			Size           int    `json:"size"`
+			RotationPolicy string `json:"rotationPolicy"`
+		} `json:"privateKey"`
+		IssuerRef struct {
+			Name  string `json:"name"`
+			Kind  string `json:"kind"`
+			Group string `json:"group"`
+		} `json:"issuerRef"`
+	} `json:"spec"`
 }
 
 // decodeStrict turns one YAML document into obj, refusing unknown fields
@@ -136,7 +174,8 @@ func decodeStrict(doc []byte, obj any) error {
 func decodeRelease(t *testing.T, files map[string]string, name, ns string, vals map[string]any) *release {
 	t.Helper()
 	r := &release{name: name, ns: ns, vals: vals,
-		services: map[string]*corev1.Service{}, configMaps: map[string]*corev1.ConfigMap{}, secrets: map[string]*corev1.Secret{}}
+		services: map[string]*corev1.Service{}, configMaps: map[string]*corev1.ConfigMap{}, secrets: map[string]*corev1.Secret{},
+		certs: map[string]*certificate{}}
 	paths := make([]string, 0, len(files))
 	for p := range files {
 		paths = append(paths, p)
@@ -196,6 +235,14 @@ func decodeRelease(t *testing.T, files map[string]string, name, ns string, vals 
 				pod := &corev1.Pod{}
 				r.testPods = append(r.testPods, pod)
 				obj = pod
+			case "networking.k8s.io/v1 NetworkPolicy":
+				np := &networkingv1.NetworkPolicy{}
+				r.netpols = append(r.netpols, np)
+				obj = np
+			case "cert-manager.io/v1 Certificate":
+				c := &certificate{}
+				r.certs[head.Metadata.Name] = c
+				obj = c
 			case "monitoring.coreos.com/v1 ServiceMonitor":
 				// A CRD: no Go types here, so only its shape is checked.
 				u := &unstructured.Unstructured{}
@@ -430,8 +477,14 @@ func checkRelease(t *testing.T, r *release) {
 		t.Errorf("no admin token: the API would be read-only")
 	}
 
-	// Probes: on the admin port, at the right paths.
+	// Probes: on the admin port, at the right paths, over HTTPS when the
+	// API has TLS (the kubelet does not check the certificate).
 	adminPort := ports["admin"]
+	_, adminTLS := get(cfgMap, "admin", "tls").(map[string]any)
+	wantScheme := corev1.URISchemeHTTP
+	if adminTLS {
+		wantScheme = corev1.URISchemeHTTPS
+	}
 	for _, p := range []struct {
 		name  string
 		probe *corev1.Probe
@@ -447,7 +500,13 @@ func checkRelease(t *testing.T, r *release) {
 		if got := resolvePort(t, p.name+" probe", p.probe.HTTPGet.Port, ports); got != adminPort {
 			t.Errorf("%s probe port %d, mxq serves probes on admin.listen (%d)", p.name, got, adminPort)
 		}
+		if got := cmp.Or(p.probe.HTTPGet.Scheme, corev1.URISchemeHTTP); got != wantScheme {
+			t.Errorf("%s probe scheme %s, the admin API speaks %s", p.name, got, wantScheme)
+		}
 	}
+
+	checkClusterAuth(t, r, cfgMap, wantReplicas)
+	checkNetworkPolicy(t, r, ports, podLabels, wantReplicas)
 	if sp := ctr.StartupProbe; sp != nil && sp.PeriodSeconds*sp.FailureThreshold < 120 {
 		t.Errorf("startup probe gives up after %ds: a store recovering after a crash is killed in a loop", sp.PeriodSeconds*sp.FailureThreshold)
 	}
@@ -607,12 +666,17 @@ func checkRelease(t *testing.T, r *release) {
 		if len(tp.Spec.Containers) != wantReplicas+1 {
 			t.Errorf("test pod checks %d servers, want %d nodes + the Service", len(tp.Spec.Containers), wantReplicas)
 		}
+		checkTestPod(t, tp, adminTLS)
 	} else if len(r.testPods) != 0 {
 		t.Errorf("helmTest disabled, %d test pods rendered", len(r.testPods))
 	}
 
 	// NOTES.txt tells where the MX records go and how to run the CLI.
-	for _, want := range []string{"MX", smtpSvc.Name, adminSvc.Name, "mxq status --server"} {
+	wantNotes := []string{"MX", smtpSvc.Name, adminSvc.Name, "mxq status --server"}
+	if adminTLS {
+		wantNotes = append(wantNotes, "MXQ_ADMIN_CA", "--server https://")
+	}
+	for _, want := range wantNotes {
 		if !strings.Contains(r.notes, want) {
 			t.Errorf("NOTES.txt does not mention %q", want)
 		}
@@ -626,29 +690,44 @@ func loadConfig(t *testing.T, cfgMap map[string]any, podName string, volumes map
 	t.Helper()
 	cfgMap = deepCopy(t, cfgMap)
 	dir := t.TempDir()
-	// The admin token file must be one a Secret volume provides.
-	admin, _ := cfgMap["admin"].(map[string]any)
-	tokenFile, _ := admin["token_file"].(string)
-	checkSecretFile(t, "admin.token_file", tokenFile, volumes, mounts)
-	if tokenFile != "" {
-		p := filepath.Join(dir, "token")
-		os.WriteFile(p, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
-		admin["token_file"] = p
+	// Files the pod gets from Secrets: each must be on a read-only Secret
+	// mount, and is replaced by a test file with content mxq accepts.
+	cert, key := writeCert(t, dir)
+	ca := filepath.Join(dir, "ca.crt")
+	copyFile(t, cert, ca)
+	files := []struct {
+		key, path string
+	}{
+		{"admin.token_file", writeFile(t, dir, "token", "0123456789abcdef0123456789abcdef\n")},
+		{"admin.read_token_file", writeFile(t, dir, "read-token", "fedcba9876543210fedcba9876543210\n")},
+		{"admin.tls.cert_file", cert},
+		{"admin.tls.key_file", key},
+		{"smtp.tls.cert_file", cert},
+		{"smtp.tls.key_file", key},
+		{"cluster.secret_file", writeFile(t, dir, "cluster-secret", "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL\n")},
+		{"cluster.tls.ca_file", ca},
+		{"cluster.tls.cert_file", cert},
+		{"cluster.tls.key_file", key},
 	}
-	// TLS: the files come from the tls Secret; mxq checks them once its
-	// configuration knows smtp.tls.
-	smtp, _ := cfgMap["smtp"].(map[string]any)
-	if tls, ok := smtp["tls"].(map[string]any); ok {
-		cert, key := writeCert(t, dir)
-		for k, p := range map[string]string{"cert_file": cert, "key_file": key} {
-			path, _ := tls[k].(string)
-			checkSecretFile(t, "smtp.tls."+k, path, volumes, mounts)
-			tls[k] = p
+	for _, f := range files {
+		parts := strings.Split(f.key, ".")
+		parent, _ := get(cfgMap, parts[:len(parts)-1]...).(map[string]any)
+		path, _ := parent[parts[len(parts)-1]].(string)
+		if path == "" {
+			continue
 		}
-		if !configKnows("smtp.tls") {
-			t.Logf("config.SMTP has no tls section yet: smtp.tls left out of config.Load")
-			delete(smtp, "tls")
-		}
+		checkSecretFile(t, f.key, path, volumes, mounts)
+		parent[parts[len(parts)-1]] = f.path
+	}
+	// Keys of the chart's own sections that this mxq does not know yet
+	// (smtp.tls before its branch, cluster.secret_file before the cluster
+	// credentials): left out of config.Load here, and named by
+	// TestConfigKnowsChartKeys.
+	for _, k := range unknownKeys(cfgMap) {
+		t.Logf("config has no %s yet: left out of config.Load", k)
+		parts := strings.Split(k, ".")
+		parent, _ := get(cfgMap, parts[:len(parts)-1]...).(map[string]any)
+		delete(parent, parts[len(parts)-1])
 	}
 	b, err := yaml.Marshal(cfgMap)
 	if err != nil {
@@ -697,6 +776,60 @@ func checkSecretFile(t *testing.T, key, path string, volumes map[string]corev1.V
 	}
 	if mode := v.Secret.DefaultMode; mode != nil && *mode&0o044 == 0 {
 		t.Errorf("%s: Secret volume mode %o: the non-root user cannot read it", key, *mode)
+	}
+}
+
+// unknownKeys lists the keys under the sections the chart writes itself
+// (admin, cluster, smtp.tls) that config.Config does not have. The user's
+// keys are not looked at: a misspelt one must fail config.Load.
+func unknownKeys(cfgMap map[string]any) []string {
+	var out []string
+	var walk func(prefix string, m map[string]any)
+	walk = func(prefix string, m map[string]any) {
+		for k, v := range m {
+			key := prefix + k
+			if !configKnows(key) {
+				out = append(out, key)
+				continue
+			}
+			if sub, ok := v.(map[string]any); ok {
+				walk(key+".", sub)
+			}
+		}
+	}
+	for _, section := range []string{"admin", "cluster"} {
+		if m, ok := cfgMap[section].(map[string]any); ok {
+			walk(section+".", m)
+		}
+	}
+	if tls, ok := get(cfgMap, "smtp", "tls").(map[string]any); ok {
+		if configKnows("smtp.tls") {
+			walk("smtp.tls.", tls)
+		} else {
+			out = append(out, "smtp.tls")
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o600); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -752,12 +885,18 @@ func writeCert(t *testing.T, dir string) (cert, key string) {
 	return cert, key
 }
 
+// existingSecrets are the Secrets the pods mount without the chart
+// rendering them: the user's, and those cert-manager writes for the
+// rendered Certificates.
 func existingSecrets(r *release) []string {
 	var out []string
-	for _, k := range [][]string{{"adminToken", "existingSecret"}, {"tls", "existingSecret"}} {
-		if s := str(r.vals, k...); s != "" {
+	for _, k := range []string{"adminToken", "adminReadToken", "tls", "adminTLS", "clusterSecret", "clusterTLS"} {
+		if s := str(r.vals, k, "existingSecret"); s != "" {
 			out = append(out, s)
 		}
+	}
+	for _, c := range r.certs {
+		out = append(out, c.Spec.SecretName)
 	}
 	return out
 }

@@ -30,6 +30,20 @@ func TestRefuse(t *testing.T) {
 		{"typo at the top", "replica: 3", "replica"},
 		{"traffic policy typo", "smtpService: {externalTrafficPolicy: local}", "externalTrafficPolicy"},
 		{"admin exposed", "adminService: {type: LoadBalancer}", "type"},
+		{"cluster secret and TLS", "clusterSecret: {existingSecret: s}\nclusterTLS: {existingSecret: t}", "not both"},
+		{"cluster secret and cert-manager", "clusterSecret: {existingSecret: s}\nclusterTLS: {certManager: {enabled: true, issuerRef: {name: ca}}}", "not both"},
+		{"cluster TLS twice", "clusterTLS: {existingSecret: t, certManager: {enabled: true, issuerRef: {name: ca}}}", "clusterTLS"},
+		{"cluster cert-manager without issuer", "clusterTLS: {certManager: {enabled: true}}", "issuerRef.name"},
+		{"insecure with a secret", "clusterInsecure: true\nclusterSecret: {existingSecret: s}", "clusterInsecure"},
+		{"insecure with TLS", "clusterInsecure: true\nclusterTLS: {existingSecret: t}", "clusterInsecure"},
+		{"insecure as a string", "clusterInsecure: 'yes'", "clusterInsecure"},
+		{"cluster secret key typo", "clusterSecret: {existingSecretkey: k}", "existingSecretkey"},
+		{"admin TLS twice", "adminTLS: {existingSecret: t, certManager: {enabled: true, issuerRef: {name: ca}}}", "adminTLS"},
+		{"admin cert-manager without issuer", "adminTLS: {certManager: {enabled: true}}", "issuerRef.name"},
+		{"read token not enabled", "adminReadToken: {existingSecret: ro}", "adminReadToken.enabled"},
+		{"short read token", "adminReadToken: {enabled: true, value: short}", "value"},
+		{"read token same as admin token", "adminToken: {value: 0123456789abcdef}\nadminReadToken: {enabled: true, value: 0123456789abcdef}", "differ"},
+		{"network policy peer empty", "networkPolicy: {admin: {from: [{}]}}", "from"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			vals, err := chartutil.ReadValues([]byte(c.values))
