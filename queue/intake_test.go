@@ -130,3 +130,28 @@ func TestEnqueueConcurrentWithinBudget(t *testing.T) {
 	}
 	t.Logf("peak %d of %d bytes, %d chunks stored early", peak, size, s.Spills())
 }
+
+// A message for two routes is published twice, so it needs a second copy
+// of its bytes: without room for it, it is refused and nothing is stored.
+func TestEnqueueTwoRoutesNeedsTheirCopies(t *testing.T) {
+	ctx := context.Background()
+	step := int64(copyFactor * bufStep)
+	mem := membudget.New(membudget.Options{Size: step, Wait: 50 * time.Millisecond})
+	s := newTestStore(t, func(o *Options) { o.Memory = mem })
+	msg := bytes.Repeat([]byte("x"), 10<<10)
+	err := s.Enqueue(ctx, testEnv("u@example.test", "v@other.test"), bytes.NewReader(msg))
+	if !errors.Is(err, membudget.ErrExhausted) {
+		t.Fatalf("%v, want ErrExhausted", err)
+	}
+	if n := len(readAll(t, s, "store")) + len(readAll(t, s, "other")); n != 0 || mem.InUse() != 0 {
+		t.Fatalf("%d records stored, %d bytes in use; want 0 and 0", n, mem.InUse())
+	}
+	mem2 := membudget.New(membudget.Options{Size: step + 10<<10, Wait: 50 * time.Millisecond})
+	s2 := newTestStore(t, func(o *Options) { o.Memory = mem2 })
+	if err := s2.Enqueue(ctx, testEnv("u@example.test", "v@other.test"), bytes.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+	if len(readAll(t, s2, "store")) != 1 || len(readAll(t, s2, "other")) != 1 || mem2.InUse() != 0 {
+		t.Fatal("with room for both copies: want one record per route and the budget empty")
+	}
+}
