@@ -18,7 +18,7 @@ func NewMetrics() *Metrics {
 		Name: "mxq_smtp_sessions_total", Help: "SMTP connections, by how they were received (accepted, or why not).",
 	}, []string{"result"})
 	m.messages = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "mxq_smtp_messages_total", Help: "SMTP transactions by outcome: queued, storage_full (452), storage_error (451), too_big (552), timeout, rejected.",
+		Name: "mxq_smtp_messages_total", Help: "SMTP transactions by outcome: queued, storage_full (452), storage_error (451), no_memory (451 4.3.1), too_big (552), timeout, rejected.",
 	}, []string{"result"})
 	m.bytes = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "mxq_smtp_queued_bytes_total", Help: "Bytes of the messages queued.",
@@ -51,6 +51,37 @@ func (m *Metrics) GroupCommit(stats func() (batches, messages uint64)) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "mxq_queue_commit_messages_total", Help: "Messages written by group commit; divided by the batches, the messages per fsync.",
 		}, func() float64 { _, n := stats(); return float64(n) }),
+	)
+}
+
+// MemoryBudget is what MessageMemory reads (membudget.Budget).
+type MemoryBudget interface {
+	Size() int64
+	InUse() int64
+	Waits() uint64
+	Refusals() uint64
+}
+
+// MessageMemory exports the SMTP sessions' memory budget for message
+// buffers, read at scrape time, and spills, the chunks stored early
+// because a buffer could not grow.
+func (m *Metrics) MessageMemory(b MemoryBudget, spills func() uint64) {
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mxq_smtp_memory_budget_bytes", Help: "The memory budget for message buffers (smtp.memory_budget).",
+		}, func() float64 { return float64(b.Size()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mxq_smtp_memory_in_use_bytes", Help: "Bytes of the memory budget reserved by messages being read or stored.",
+		}, func() float64 { return float64(b.InUse()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mxq_smtp_memory_waits_total", Help: "Messages that had to wait for memory before their data was read.",
+		}, func() float64 { return float64(b.Waits()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mxq_smtp_memory_refusals_total", Help: "Messages refused with 451 4.3.1 because the memory budget stayed used up.",
+		}, func() float64 { return float64(b.Refusals()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mxq_smtp_memory_spills_total", Help: "Chunks stored early because a message's buffer could not grow within the memory budget.",
+		}, func() float64 { return float64(spills()) }),
 	)
 }
 

@@ -113,6 +113,13 @@ type SMTP struct {
 	// it mail is refused with 452 4.3.1. At most a tenth of the file
 	// system is kept, whatever this says.
 	MinFreeDisk ByteSize `mapstructure:"min_free_disk"`
+	// MemoryBudget bounds the memory all sessions together hold in
+	// message buffers (each counted twice: the buffer and the copy made
+	// to store it). A message it has no room for waits MemoryWait, then
+	// is refused with 451 4.3.1; one under way that cannot grow its
+	// buffer stores it early as a chunk.
+	MemoryBudget ByteSize      `mapstructure:"memory_budget"`
+	MemoryWait   time.Duration `mapstructure:"memory_wait"`
 
 	ProxyProtocol ProxyProtocol  `mapstructure:"proxy_protocol"`
 	TLS           SMTPTLS        `mapstructure:"tls"`
@@ -386,6 +393,8 @@ func Defaults() map[string]any {
 		"smtp.max_errors":                      20,
 		"smtp.min_data_rate":                   "1KiB",
 		"smtp.min_free_disk":                   "1GiB",
+		"smtp.memory_budget":                   "128MiB", // 500 first buffers (128 KiB) fit; with mxq's ~140 MiB, under memory_limit
+		"smtp.memory_wait":                     "3s",
 		"smtp.proxy_protocol.trusted_networks": []string{},
 		"smtp.proxy_protocol.header_timeout":   "10s",
 		"smtp.tls.cert_file":                   "",
@@ -891,6 +900,13 @@ func (c *Config) validateSMTPEdge() Errors {
 	}
 	if sm.MinFreeDisk < 0 {
 		bad("smtp.min_free_disk", "must not be negative")
+	}
+	// A message's first buffer takes 128 KiB of the budget.
+	if sm.MemoryBudget < 1<<20 {
+		bad("smtp.memory_budget", "want at least 1MiB, got %v", sm.MemoryBudget)
+	}
+	if sm.MemoryWait < 0 {
+		bad("smtp.memory_wait", "must not be negative (0: refuse at once)")
 	}
 	if _, err := Networks(sm.LimitExemptNetworks); err != nil {
 		bad("smtp.limit_exempt_networks", "%v", err)

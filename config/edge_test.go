@@ -19,7 +19,8 @@ func TestEdgeDefaults(t *testing.T) {
 	}
 	s := c.SMTP
 	if s.MaxConnections != 500 || s.MaxConnectionsPerIP != 20 || s.ConnectionRatePerIP != 120 ||
-		s.MaxCommands != 200 || s.MaxErrors != 20 || s.MinDataRate != 1<<10 || s.MinFreeDisk != 1<<30 {
+		s.MaxCommands != 200 || s.MaxErrors != 20 || s.MinDataRate != 1<<10 || s.MinFreeDisk != 1<<30 ||
+		s.MemoryBudget != 128<<20 || s.MemoryWait != 3*time.Second {
 		t.Errorf("limits: %+v", s)
 	}
 	// No certificate: no STARTTLS, no HTTPS, and that is valid.
@@ -67,6 +68,11 @@ func TestEdgeValidation(t *testing.T) {
 		{"limits off", "smtp:\n  max_connections: 0\n  max_connections_per_ip: 0\n  connection_rate_per_ip: 0\n  max_commands: 0\n  max_errors: 0\n  min_data_rate: 0\n  min_free_disk: 0\n", ""},
 		{"missing recipient list", "smtp:\n  recipients:\n    file: /nonexistent\n", "smtp.recipients.file"},
 		{"bad ttl", "smtp:\n  recipients:\n    negative_ttl: 0s\n", "smtp.recipients.negative_ttl"},
+		{"memory budget", "smtp:\n  memory_budget: 64MiB\n  memory_wait: 0s\n", ""},
+		{"no memory budget", "smtp:\n  memory_budget: 0\n", "smtp.memory_budget"},
+		{"negative memory budget", "smtp:\n  memory_budget: -64MiB\n", "smtp.memory_budget"},
+		{"memory budget below a message", "smtp:\n  memory_budget: 100KiB\n", "smtp.memory_budget"},
+		{"negative memory wait", "smtp:\n  memory_wait: -1s\n", "smtp.memory_wait"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -26,11 +26,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -91,7 +91,10 @@ type Options struct {
 	// tombstone.go); zero: the defaults.
 	TombstoneTTL      time.Duration
 	TombstoneInterval time.Duration
-	Logger            *slog.Logger
+	// Memory is the budget message buffers are reserved from (see
+	// intake.go); nil: no bound.
+	Memory Memory
+	Logger *slog.Logger
 }
 
 // Store is the queue.
@@ -106,7 +109,8 @@ type Store struct {
 	log     *slog.Logger
 	commit  *committer
 	tombs   *tombstones
-	bufPool sync.Pool
+	bufPool sync.Pool // of *[]byte, bufStep bytes each
+	spills  atomic.Uint64
 
 	notifyMu sync.Mutex
 	notify   []chan struct{}
@@ -281,36 +285,6 @@ func (s *Store) wake() {
 		}
 	}
 	s.notifyMu.Unlock()
-}
-
-// Enqueue stores a message: env (with ID, sender and all recipients) and
-// the message read from msg. It returns only when every record is durable
-// (fsync'd, or held by a quorum), or with an error after which nothing of
-// the message is visible in the queue.
-func (s *Store) Enqueue(ctx context.Context, env *envelope.Envelope, msg io.Reader) error {
-	parts, err := s.split(env)
-	if err != nil {
-		return err
-	}
-	bp := s.getBuf()
-	defer s.bufPool.Put(bp)
-	buf := (*bp)[:0]
-	// Read one byte more than a chunk: if it fits, it is a small message.
-	n, err := readUpTo(msg, &buf, s.o.ChunkSize+1)
-	*bp = buf
-	if err != nil {
-		return err
-	}
-	if n <= s.o.ChunkSize {
-		for _, p := range parts {
-			p.Size = int64(n)
-		}
-		err = s.storeSmall(ctx, parts, buf)
-	} else {
-		err = s.storeLarge(ctx, parts, buf, msg)
-	}
-	env.Size = parts[0].Size
-	return err
 }
 
 // split divides env by route; a message for one route stays one record.
@@ -546,106 +520,6 @@ func classify(err error) error {
 		return fmt.Errorf("%w: %w", ErrFull, err)
 	}
 	return fmt.Errorf("%w: %w", ErrUnavailable, err)
-}
-
-func (s *Store) getBuf() *[]byte {
-	if bp, ok := s.bufPool.Get().(*[]byte); ok {
-		return bp
-	}
-	b := make([]byte, 0, 64<<10)
-	return &b
-}
-
-// readUpTo appends from r to *buf until EOF or limit bytes, growing *buf.
-func readUpTo(r io.Reader, buf *[]byte, limit int) (int, error) {
-	b := *buf
-	for len(b) < limit {
-		if len(b) == cap(b) {
-			grow := cap(b)
-			if grow < 32<<10 {
-				grow = 32 << 10
-			}
-			if cap(b)+grow > limit {
-				grow = limit - cap(b)
-			}
-			b = append(b[:cap(b)], make([]byte, grow)...)[:len(b)]
-		}
-		n, err := r.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			*buf = b
-			return len(b), err
-		}
-	}
-	*buf = b
-	return len(b), nil
-}
-
-// storeLarge streams a message larger than a chunk into chunk records, one
-// fsync'd publish each, then stores the envelope(s): until that last write
-// nothing of the message is visible to the drain, which finds messages by
-// their envelopes. Each chunk is stored before the next is read, so a
-// session holds one chunk in memory however large the message.
-//
-// Not an atomic batch: a batch is staged whole by the server, and tens of
-// MiB per message would not fit the small staging area group commit uses.
-// If the session fails half-way, its chunks are purged; a crash at that
-// moment leaves orphan chunks that no envelope names (wasted space, not
-// visible mail), which CollectOrphans removes at the next start.
-func (s *Store) storeLarge(ctx context.Context, parts []*envelope.Envelope, first []byte, r io.Reader) error {
-	for _, p := range parts {
-		p.BodyToken = p.ID + "." + strconv.Itoa(p.Part)
-	}
-	fail := func(err error) error {
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.Timeout)
-		defer cancel()
-		for _, p := range parts {
-			if perr := s.purgeChunks(pctx, p.BodyToken); perr != nil {
-				s.log.Warn("purging chunks of a refused message", "id", p.ID, "err", perr)
-			}
-		}
-		return err
-	}
-	next := first[:s.o.ChunkSize]
-	rest := append([]byte(nil), first[s.o.ChunkSize:]...)
-	cbuf := make([]byte, 0, s.o.ChunkSize)
-	size, nchunks := int64(0), 0
-	for len(next) > 0 {
-		for _, p := range parts {
-			if err := s.storeChunk(ctx, p, nchunks, next); err != nil {
-				return fail(err)
-			}
-		}
-		size += int64(len(next))
-		nchunks++
-		if len(next) < s.o.ChunkSize {
-			break // that was the tail
-		}
-		// The chunk is stored: its buffer can take the next one.
-		cbuf = append(cbuf[:0], rest...)
-		rest = rest[:0]
-		if _, err := readUpTo(r, &cbuf, s.o.ChunkSize); err != nil {
-			return fail(err)
-		}
-		next = cbuf
-	}
-	msgs := make([]*nats.Msg, len(parts))
-	for i, p := range parts {
-		p.Size, p.Chunks = size, nchunks
-		m, err := s.record(s.QueueSubject(p.Route), p, nil)
-		if err != nil {
-			return fail(err)
-		}
-		msgs[i] = m
-	}
-	if err := s.w.publishAll(ctx, msgs); err != nil {
-		return fail(err)
-	}
-	s.wake()
-	return nil
 }
 
 // storeChunk stores chunk n of p's message.

@@ -24,7 +24,8 @@
 //     networks (530 5.7.0), recipients per message (452 4.5.3), unknown
 //     mailboxes (550 5.1.1), message size (552 5.3.4), silence or a
 //     trickle during DATA (451 4.4.2, then 421), disk below its reserve
-//     (452 4.3.1).
+//     (452 4.3.1), the memory budget for message buffers used up past
+//     a short wait (451 4.3.1, queue/intake.go and internal/membudget).
 //
 // Addresses: go-smtp removes a source route (<@a,@b:user@d>) before the
 // relay sees the path. That is what RFC 5321 (section 3.6.1 and appendix
@@ -151,7 +152,8 @@ type Metrics interface {
 	// "bad_proxy_header".
 	Session(result string)
 	// Message counts a DATA transaction by outcome: "queued",
-	// "storage_full", "storage_error", "too_big", "timeout", "rejected".
+	// "storage_full", "storage_error", "no_memory", "too_big",
+	// "timeout", "rejected".
 	Message(result string, bytes int64)
 	// Recipient counts a RCPT by outcome: "accepted", "relay_denied",
 	// "bad_syntax", "unknown_user", "too_many".

@@ -15,6 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/mxq-dev/mxq/internal/mailaddr"
+	"github.com/mxq-dev/mxq/internal/membudget"
 	"github.com/mxq-dev/mxq/internal/rcptcheck"
 	"github.com/mxq-dev/mxq/queue/envelope"
 )
@@ -26,6 +27,7 @@ var (
 	errBadSender    = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 1, 7}, Message: "Bad sender address syntax"}
 	errStorageFull  = &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Insufficient system storage, try again later"}
 	errStorageError = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Temporary storage failure, try again later"}
+	errNoMemory     = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Server short of memory, try again later"}
 	errDataTimeout  = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Timeout reading message data"}
 	errDataTooSlow  = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Message data arriving too slowly"}
 	errTooBig       = &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4}, Message: "Message size exceeds fixed maximum message size"}
@@ -266,6 +268,16 @@ func (s *session) dataFailed(err error, body *deadlineReader) error {
 		}
 		s.srv.log.Info("data timeout, message refused", "client", s.client, "bytes", body.n, "timeout", o.DataTimeout)
 		return errDataTimeout
+	case errors.Is(err, membudget.ErrExhausted):
+		// The sender keeps the message and tries again. It expects the
+		// reply only after its last byte, which is read (and dropped)
+		// under the same timeouts as a message. The budget logs this,
+		// rate-limited: a flood would make a line per message.
+		if _, derr := io.Copy(io.Discard, body); derr != nil && (body.timedOut || body.tooSlow) {
+			return s.dataFailed(derr, body)
+		}
+		m.Message("no_memory", 0)
+		return errNoMemory
 	default:
 		return s.storageReply(err, "DATA")
 	}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/mxq-dev/mxq/admin"
 	"github.com/mxq-dev/mxq/config"
+	"github.com/mxq-dev/mxq/internal/membudget"
 	"github.com/mxq-dev/mxq/queue"
 	"github.com/mxq-dev/mxq/queue/catalog"
 	"github.com/mxq-dev/mxq/queue/delivery"
@@ -156,6 +157,10 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		return fmt.Errorf("connecting to NATS: %w", err)
 	}
 	defer nc.Close()
+	// Message buffers, bounded together (internal/membudget).
+	memory := membudget.New(membudget.Options{
+		Size: int64(cfg.SMTP.MemoryBudget), Wait: cfg.SMTP.MemoryWait, Logger: log.With("component", "smtp"),
+	})
 	store, err := queue.Open(ctx, nc, queue.Options{
 		Stream:           cfg.Queue.Stream,
 		Replicas:         cfg.Queue.Replicas,
@@ -170,6 +175,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		Route:            cfg.RouteFor,
 		Connect:          connect,
 		Origin:           cfg.NodeName,
+		Memory:           memory,
 		Logger:           log,
 	})
 	if err != nil {
@@ -266,6 +272,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	}()
 	metrics := admin.NewMetrics()
 	metrics.GroupCommit(store.CommitStats)
+	metrics.MessageMemory(memory, store.Spills)
 	cont := startContinuity(ctx, cfg, log, store, cat, metrics) // users read held mail during an outage (continuity.go)
 
 	// Drain.
@@ -388,7 +395,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	// Work that does not bound the first 250: after SMTP opens.
 	go collectOrphans(drainCtx, log, store, emb != nil && !cfg.Clustered(), orphansBefore)
 	log.Info("mxq ready", "smtp", ln.Addr().String(), "domains", cfg.SMTP.Domains,
-		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0), "memory_limit", debug.SetMemoryLimit(-1))
+		"backends", cfg.BackendNames(), "data_dir", cfg.DataDir, "durability", cfg.Queue.Durability, "gomaxprocs", runtime.GOMAXPROCS(0), "memory_limit", debug.SetMemoryLimit(-1), "memory_budget", cfg.SMTP.MemoryBudget.String())
 
 	var runErr error
 	select {
