@@ -126,3 +126,46 @@ func TestStageBatchesClearsWhatACrashLeft(t *testing.T) {
 		t.Fatalf("a committed batch left %d entries in staging", len(left))
 	}
 }
+
+// In a cluster the embedded server opens the route port and nothing else
+// that a stranger could reach: the client port (needed for routing to
+// start) is on loopback, and there is no monitoring, profiling, leafnode,
+// gateway, websocket or MQTT listener, none of which would ask for
+// credentials.
+func TestEmbeddedClusterListeners(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	e, err := StartEmbedded(ctx, EmbeddedOptions{
+		ServerName: "n1", StoreDir: t.TempDir(), MaxPayload: 1 << 20,
+		ClusterName: "mxq", ClusterListen: "127.0.0.1:-1", Peers: []string{"127.0.0.2:1"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Shutdown()
+	srv := e.Server()
+	ports := srv.PortsInfo(10 * time.Second)
+	if ports == nil {
+		t.Fatal("no ports")
+	}
+	if len(ports.Nats) == 0 {
+		t.Fatal("no client port: routing would not start")
+	}
+	for _, u := range ports.Nats {
+		host := u[strings.Index(u, "://")+3 : strings.LastIndex(u, ":")]
+		if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+			t.Errorf("client port %s is not on loopback", u)
+		}
+	}
+	if len(ports.Cluster) != 1 || ports.Monitoring != nil || ports.Profile != nil || ports.WebSocket != nil {
+		t.Errorf("listeners: %+v", ports)
+	}
+	v, err := srv.Varz(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.HTTPPort != 0 || v.HTTPSPort != 0 || v.LeafNode.Port != 0 || v.Gateway.Port != 0 || v.MQTT.Port != 0 || v.Websocket.Port != 0 {
+		t.Errorf("a listener without authentication: http %d https %d leafnode %d gateway %d mqtt %d websocket %d",
+			v.HTTPPort, v.HTTPSPort, v.LeafNode.Port, v.Gateway.Port, v.MQTT.Port, v.Websocket.Port)
+	}
+}
