@@ -169,7 +169,7 @@ func TestClusterTLSProcesses(t *testing.T) {
 }
 
 // The same cluster secured by cluster.secret, and a stranger: a stock
-// nats-server with JetStream routed to node 1's route port, once without
+// nats-server with JetStream routed to the nodes' route ports, once without
 // TLS and once with TLS derived from another secret. It never becomes a
 // route peer, its JetStream never sees the queue's stream, and what it
 // publishes on the queue's subjects never reaches the queue. A stranger
@@ -177,14 +177,15 @@ func TestClusterTLSProcesses(t *testing.T) {
 // fail.
 func TestClusterSecretProcesses(t *testing.T) {
 	secret := "e2e-cluster-secret-0123456789abcdef"
+	var secretFile string
 	c := startLoopbackCluster(t, func(i int, ip string) string {
 		if i == 3 {
 			// The file form, with an earlier secret still accepted.
-			f := filepath.Join(t.TempDir(), "secret")
-			if err := os.WriteFile(f, []byte(secret+"\n"+strings.Repeat("o", 40)+"\n"), 0o600); err != nil {
+			secretFile = filepath.Join(t.TempDir(), "secret")
+			if err := os.WriteFile(secretFile, []byte(secret+"\n"+strings.Repeat("o", 40)+"\n"), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			return "  secret_file: " + f
+			return "  secret_file: " + secretFile
 		}
 		return "  secret: " + secret
 	})
@@ -212,7 +213,7 @@ func TestClusterSecretProcesses(t *testing.T) {
 		{"with another secret", clustercred.Static(other)},
 	} {
 		t.Run(s.name, func(t *testing.T) {
-			srv := startStranger(t, c.natsPort, s.tls, true)
+			srv := startStranger(t, []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}, c.natsPort, s.tls, true)
 			nc, err := nats.Connect("", nats.InProcessServer(srv))
 			if err != nil {
 				t.Fatal(err)
@@ -250,20 +251,53 @@ func TestClusterSecretProcesses(t *testing.T) {
 		})
 	}
 
+	// Rotation without restart: node 3's file gets a new secret first,
+	// the old one below it. Within its poll, a server that has only the
+	// new secret routes to node 3.
+	newSecret := "e2e-rotated-secret-abcdef0123456789"
+	if err := os.WriteFile(secretFile, []byte(newSecret+"\n"+secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := clustercred.FromSecrets([][]byte{[]byte(newSecret)}, "127.0.0.9", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	func() {
+		srv := startStranger(t, []string{"127.0.0.3"}, c.natsPort, clustercred.Static(rotated), false)
+		defer srv.Shutdown()
+		deadline := time.Now().Add(time.Minute)
+		for srv.NumRoutes() == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("a server with the new secret did not route to node 3 after its file was rotated")
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}()
+
 	// The control: a stranger with the secret joins, and what it
 	// publishes on the queue's subjects is stored, as from any stranger
 	// before credentials. (Without JetStream of its own: a fourth
-	// JetStream peer would stay in the cluster's meta group.)
+	// JetStream peer would stay in the cluster's meta group. Routed to
+	// every node: a message crosses one route only, so it must reach the
+	// stream's leader directly, whichever node that is.)
 	mine, err := clustercred.FromSecrets([][]byte{[]byte(secret)}, "127.0.0.9", time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := startStranger(t, c.natsPort, clustercred.Static(mine), false)
+	srv := startStranger(t, []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}, c.natsPort, clustercred.Static(mine), false)
 	eventually(t, "a server with the secret routed to the cluster", func() bool { return srv.NumRoutes() > 0 })
 	nc, err := nats.Connect("", nats.InProcessServer(srv))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer func() {
+		if t.Failed() {
+			rz, _ := srv.Routez(nil)
+			for _, r := range rz.Routes {
+				t.Logf("the control's route: %s %s:%d subs %d", r.RemoteName, r.IP, r.Port, r.NumSubs)
+			}
+		}
+	}()
 	eventually(t, "a message through the server with the secret stored in the queue", func() bool {
 		nc.Publish("mxq.q.store", []byte("through a peer with the secret"))
 		nc.Flush()
@@ -277,17 +311,21 @@ func TestClusterSecretProcesses(t *testing.T) {
 }
 
 // startStranger starts a nats-server in this process, in mxq's NATS
-// cluster name, with a route to 127.0.0.1:natsPort.
-func startStranger(t *testing.T, natsPort int, creds *clustercred.Source, js bool) *server.Server {
+// cluster name, with routes to natsPort on hosts.
+func startStranger(t *testing.T, hosts []string, natsPort int, creds *clustercred.Source, js bool) *server.Server {
 	t.Helper()
-	route, _ := url.Parse(fmt.Sprintf("nats://127.0.0.1:%d", natsPort))
+	var routes []*url.URL
+	for _, h := range hosts {
+		u, _ := url.Parse(fmt.Sprintf("nats://%s:%d", h, natsPort))
+		routes = append(routes, u)
+	}
 	opts := &server.Options{
 		ServerName: fmt.Sprintf("stranger-%d", time.Now().UnixNano()),
 		Host:       "127.0.0.1", Port: server.RANDOM_PORT,
 		JetStream: js, StoreDir: t.TempDir(),
 		NoSigs: true, NoLog: true,
 		Cluster: server.ClusterOpts{Name: "mxq", Host: "127.0.0.9", Port: server.RANDOM_PORT},
-		Routes:  []*url.URL{route},
+		Routes:  routes,
 	}
 	if creds != nil {
 		opts.Cluster.TLSConfig = creds.Config()
