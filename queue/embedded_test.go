@@ -1,14 +1,31 @@
 package queue
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/mxq-dev/mxq/internal/clustercred"
 )
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
 
 // A server that cannot start must say why, promptly, instead of waiting
 // for readiness that never comes (nats-server reports these failures
@@ -135,9 +152,17 @@ func TestStageBatchesClearsWhatACrashLeft(t *testing.T) {
 func TestEmbeddedClusterListeners(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	m, err := clustercred.FromSecrets([][]byte{[]byte(strings.Repeat("s", 32))}, "127.0.0.1", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	var mu sync.Mutex
 	e, err := StartEmbedded(ctx, EmbeddedOptions{
 		ServerName: "n1", StoreDir: t.TempDir(), MaxPayload: 1 << 20,
 		ClusterName: "mxq", ClusterListen: "127.0.0.1:-1", Peers: []string{"127.0.0.2:1"},
+		ClusterTLS: clustercred.Static(m).Config(),
+		Logger:     slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -157,9 +182,16 @@ func TestEmbeddedClusterListeners(t *testing.T) {
 			t.Errorf("client port %s is not on loopback", u)
 		}
 	}
-	if len(ports.Cluster) != 1 || ports.Monitoring != nil || ports.Profile != nil || ports.WebSocket != nil {
+	if len(ports.Cluster) != 1 || !strings.HasPrefix(ports.Cluster[0], "tls://") || ports.Monitoring != nil || ports.Profile != nil || ports.WebSocket != nil {
 		t.Errorf("listeners: %+v", ports)
 	}
+	// mxq checks the routes' certificates itself: nats-server's warning
+	// that they are not checked would be false.
+	mu.Lock()
+	if strings.Contains(logs.String(), "will not be verified") {
+		t.Errorf("misleading warning in the log:\n%s", logs.String())
+	}
+	mu.Unlock()
 	v, err := srv.Varz(nil)
 	if err != nil {
 		t.Fatal(err)
