@@ -24,6 +24,8 @@ import (
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/mxq-dev/mxq/internal/clustercred"
 )
 
 // Config is the whole configuration of one mxq node.
@@ -304,11 +306,29 @@ type Cluster struct {
 	NATSPort int    `mapstructure:"nats_port"`
 	// Name is the NATS cluster's name, the same on every node.
 	Name string `mapstructure:"name"`
+	// Secret secures the NATS routes and the raft transport with mutual
+	// TLS derived from it (internal/clustercred): the same 32 bytes or
+	// more on every node; peers without it cannot connect. SecretFile
+	// reads it from a file instead: line 1 is the secret in use, further
+	// lines earlier secrets still accepted (rotation), re-read on change.
+	Secret     string `mapstructure:"secret"`
+	SecretFile string `mapstructure:"secret_file"`
 	// TLS, when set, secures the NATS routes and the raft transport with
 	// mutual TLS: every node presents cert_file (valid for its entry in
 	// peers) and accepts only peers whose certificate ca_file signed.
+	// Re-read on change. Set this or a secret, not both.
 	TLS TLSFiles `mapstructure:"tls"`
+	// Insecure runs a cluster with neither: its ports accept anyone who
+	// reaches them (loopback included: any local process). For tests on
+	// a private network only.
+	Insecure bool `mapstructure:"insecure"`
 }
+
+// HasSecret reports whether the cluster's credentials come from a secret.
+func (c Cluster) HasSecret() bool { return c.Secret != "" || c.SecretFile != "" }
+
+// HasTLS reports whether the cluster's credentials come from PEM files.
+func (c Cluster) HasTLS() bool { return c.TLS != (TLSFiles{}) }
 
 // Clustered reports whether the node has peers.
 func (c *Config) Clustered() bool { return len(c.Cluster.Peers) > 1 }
@@ -382,6 +402,9 @@ func Defaults() map[string]any {
 		"cluster.tls.ca_file":             "",
 		"cluster.tls.cert_file":           "",
 		"cluster.tls.key_file":            "",
+		"cluster.secret":                  "",
+		"cluster.secret_file":             "",
+		"cluster.insecure":                false,
 
 		// The SMTP edge: limits, PROXY protocol, TLS, recipient checks.
 		"smtp.max_connections":                 500,
@@ -1054,6 +1077,7 @@ func (c *Config) validateCluster() Errors {
 			}
 		}
 	}
+	c.validateClusterCredentials(bad)
 	if len(cl.Peers) == 0 {
 		return errs
 	}
@@ -1090,7 +1114,55 @@ func (c *Config) validateCluster() Errors {
 	if c.Queue.Replicas > len(cl.Peers) {
 		bad("queue.replicas", "%d replicas need at least as many nodes, cluster.peers has %d", c.Queue.Replicas, len(cl.Peers))
 	}
+	if c.NATS.URL == "" && c.NATS.Listen != "" && !loopback(c.NATS.Listen) {
+		// The embedded server's client port has no authentication: in a
+		// cluster it would hand the replicated stream to anyone.
+		bad("nats.listen", "in a cluster the embedded server's client port has no authentication: listen on loopback (127.0.0.1:4222) or leave it empty, got %q", c.NATS.Listen)
+	}
 	return errs
+}
+
+// validateClusterCredentials checks the cluster's credentials: one of a
+// secret (inline or in a file), TLS files, or an explicit insecure, and
+// for a cluster, at least one of them.
+func (c *Config) validateClusterCredentials(bad func(key, format string, args ...any)) {
+	cl := &c.Cluster
+	if cl.Secret != "" && cl.SecretFile != "" {
+		bad("cluster.secret_file", "set cluster.secret or cluster.secret_file, not both")
+	}
+	if cl.Secret != "" && len(cl.Secret) < clustercred.MinSecretLen {
+		bad("cluster.secret", "at least %d bytes (a random string: openssl rand -base64 48), got %d", clustercred.MinSecretLen, len(cl.Secret))
+	}
+	if cl.SecretFile != "" {
+		if b, err := os.ReadFile(cl.SecretFile); err != nil {
+			bad("cluster.secret_file", "%v", err)
+		} else if _, err := clustercred.ParseSecrets(b); err != nil {
+			bad("cluster.secret_file", "%s: %v", cl.SecretFile, err)
+		}
+	}
+	if cl.HasSecret() && cl.HasTLS() {
+		bad("cluster.tls", "set one: cluster.tls (a private PKI) or cluster.secret/cluster.secret_file (TLS derived from the secret), not both")
+	}
+	if cl.Insecure && (cl.HasSecret() || cl.HasTLS()) {
+		bad("cluster.insecure", "true, but credentials are set (cluster.secret, cluster.secret_file or cluster.tls): remove one")
+	}
+	if len(cl.Peers) > 1 && !cl.HasSecret() && !cl.HasTLS() && !cl.Insecure {
+		bad("cluster.secret", "a cluster needs credentials, or its NATS route and raft ports accept anyone who reaches them (on loopback too: any local process): set cluster.secret or cluster.secret_file (at least %d bytes, the same on every node), or cluster.tls; or cluster.insecure: true to run open", clustercred.MinSecretLen)
+	}
+}
+
+// loopback reports whether the listen address hostport binds to loopback
+// only.
+func loopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // Continuity configures the view of held mail: while the mailbox store is

@@ -225,6 +225,7 @@ node_name: mxq-1
 queue: {replicas: 3}
 cluster:
   peers: [mxq-0.mxq-peers.mail.svc, mxq-1.mxq-peers.mail.svc, mxq-2.mxq-peers.mail.svc]
+  secret: 0123456789abcdef0123456789abcdef
 `
 	c, err := Load(writeConfig(t, ok), nil, nil)
 	if err != nil {
@@ -255,6 +256,100 @@ cluster:
 			}
 			t.Fatalf("no error for %s in:\n%v", tc.key, err)
 		})
+	}
+}
+
+// The cluster's credentials: a secret (inline or in a file), TLS files, or
+// an explicit insecure; a cluster without any is refused, on loopback too.
+func TestClusterCredentials(t *testing.T) {
+	dir := t.TempDir()
+	file := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	secret := strings.Repeat("k", 32)
+	rotating := file("rotating", secret+"\n"+strings.Repeat("o", 40)+"\n\n")
+	empty := file("empty", "\n")
+	shortLine := file("short", secret+"\nold\n")
+	pem := file("x.pem", "not used before start")
+	const three = "node_name: a\nqueue: {replicas: 3}\ncluster:\n  peers: [a, 127.0.0.2, 127.0.0.3]\n"
+	cases := []struct {
+		name, yaml string
+		key        string // "" for a valid configuration
+		says       string // part of the problem
+	}{
+		{"secret", three + "  secret: " + secret, "", ""},
+		{"secret file with an earlier secret", three + "  secret_file: " + rotating, "", ""},
+		{"tls", three + "  tls: {ca_file: " + pem + ", cert_file: " + pem + ", key_file: " + pem + "}", "", ""},
+		{"insecure", three + "  insecure: true", "", ""},
+		{"single node needs nothing", "cluster: {}", "", ""},
+		{"nothing", three, "cluster.secret", "cluster.insecure"},
+		{"nothing names tls", three, "cluster.secret", "cluster.tls"},
+		{"nothing on loopback", "node_name: 127.0.0.1\nqueue: {replicas: 3}\ncluster: {peers: [127.0.0.1, 127.0.0.2, 127.0.0.3]}", "cluster.secret", "any local process"},
+		{"short secret", three + "  secret: " + secret[:31], "cluster.secret", "at least 32 bytes"},
+		{"short secret alone", "cluster: {secret: tooshort}", "cluster.secret", "at least 32 bytes"},
+		{"both forms", three + "  secret: " + secret + "\n  secret_file: " + rotating, "cluster.secret_file", "not both"},
+		{"empty file", three + "  secret_file: " + empty, "cluster.secret_file", "empty"},
+		{"missing file", three + "  secret_file: " + filepath.Join(dir, "nope"), "cluster.secret_file", "no such file"},
+		{"short earlier secret", three + "  secret_file: " + shortLine, "cluster.secret_file", "line 2"},
+		{"secret and tls", three + "  secret: " + secret + "\n  tls: {ca_file: " + pem + ", cert_file: " + pem + ", key_file: " + pem + "}", "cluster.tls", "set one"},
+		{"insecure with a secret", three + "  secret: " + secret + "\n  insecure: true", "cluster.insecure", "remove one"},
+		{"open client port", three + "  secret: " + secret + "\nnats: {listen: '0.0.0.0:4222'}", "nats.listen", "no authentication"},
+		{"client port on loopback", three + "  secret: " + secret + "\nnats: {listen: '127.0.0.1:4222'}", "", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Load(writeConfig(t, strings.ReplaceAll(tc.yaml, `\n`, "\n")), nil, nil)
+			if tc.key == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if c.Cluster.Secret != "" && !c.Cluster.HasSecret() {
+					t.Fatal("HasSecret false with a secret")
+				}
+				return
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("err %v, want ErrInvalid", err)
+			}
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("err %v", err)
+			}
+			for _, e := range es {
+				if e.Key == tc.key && strings.Contains(e.Problem, tc.says) {
+					return
+				}
+			}
+			t.Fatalf("no error for %s saying %q in:\n%v", tc.key, tc.says, err)
+		})
+	}
+}
+
+// MXQ_CLUSTER_SECRET and MXQ_CLUSTER_INSECURE follow the environment
+// mapping of every other key (the Docker test's containers use it).
+func TestClusterSecretFromEnv(t *testing.T) {
+	t.Setenv("MXQ_NODE_NAME", "mxq-0")
+	t.Setenv("MXQ_CLUSTER_PEERS", "mxq-0 mxq-1 mxq-2")
+	t.Setenv("MXQ_QUEUE_REPLICAS", "3")
+	if _, err := Load("", nil, nil); err == nil || !strings.Contains(err.Error(), "cluster.secret") {
+		t.Fatalf("without a secret: %v", err)
+	}
+	t.Setenv("MXQ_CLUSTER_SECRET", strings.Repeat("e", 40))
+	c, err := Load("", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Cluster.Secret != strings.Repeat("e", 40) {
+		t.Fatalf("secret %q", c.Cluster.Secret)
+	}
+	t.Setenv("MXQ_CLUSTER_SECRET", "")
+	t.Setenv("MXQ_CLUSTER_INSECURE", "true")
+	if c, err := Load("", nil, nil); err != nil || !c.Cluster.Insecure {
+		t.Fatalf("insecure from the environment: %v", err)
 	}
 }
 

@@ -25,6 +25,9 @@ import (
 
 const clusterToken = "cluster-e2e-token-0123456789"
 
+// clusterSecret secures the containers' route and raft ports.
+const clusterSecret = "cluster-e2e-secret-0123456789abcdef"
+
 type dockerCluster struct {
 	t       *testing.T
 	id      string // unique suffix of names
@@ -93,6 +96,8 @@ func (c *dockerCluster) start(i int, backend string, extraEnv ...string) {
 	args := []string{"run", "-d", "--name", name, "--hostname", host, "--network", c.network, "--network-alias", host,
 		"-e", "MXQ_NODE_NAME=" + host,
 		"-e", "MXQ_CLUSTER_PEERS=mxq-0 mxq-1 mxq-2",
+		// The cluster ports need credentials: TLS derived from a secret.
+		"-e", "MXQ_CLUSTER_SECRET=" + clusterSecret,
 		"-e", "MXQ_QUEUE_REPLICAS=3",
 		"-e", "MXQ_BACKEND=lmtp://" + backend + "?rate=2000&concurrency=16",
 		"-e", "MXQ_ADMIN_TOKEN=" + clusterToken,

@@ -1,14 +1,31 @@
 package queue
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/mxq-dev/mxq/internal/clustercred"
 )
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
 
 // A server that cannot start must say why, promptly, instead of waiting
 // for readiness that never comes (nats-server reports these failures
@@ -124,5 +141,63 @@ func TestStageBatchesClearsWhatACrashLeft(t *testing.T) {
 	}
 	if len(left) != 0 {
 		t.Fatalf("a committed batch left %d entries in staging", len(left))
+	}
+}
+
+// In a cluster the embedded server opens the route port and nothing else
+// that a stranger could reach: the client port (needed for routing to
+// start) is on loopback, and there is no monitoring, profiling, leafnode,
+// gateway, websocket or MQTT listener, none of which would ask for
+// credentials.
+func TestEmbeddedClusterListeners(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	m, err := clustercred.FromSecrets([][]byte{[]byte(strings.Repeat("s", 32))}, "127.0.0.1", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	e, err := StartEmbedded(ctx, EmbeddedOptions{
+		ServerName: "n1", StoreDir: t.TempDir(), MaxPayload: 1 << 20,
+		ClusterName: "mxq", ClusterListen: "127.0.0.1:-1", Peers: []string{"127.0.0.2:1"},
+		ClusterTLS: clustercred.Static(m).Config(),
+		Logger:     slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Shutdown()
+	srv := e.Server()
+	ports := srv.PortsInfo(10 * time.Second)
+	if ports == nil {
+		t.Fatal("no ports")
+	}
+	if len(ports.Nats) == 0 {
+		t.Fatal("no client port: routing would not start")
+	}
+	for _, u := range ports.Nats {
+		host := u[strings.Index(u, "://")+3 : strings.LastIndex(u, ":")]
+		if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+			t.Errorf("client port %s is not on loopback", u)
+		}
+	}
+	if len(ports.Cluster) != 1 || !strings.HasPrefix(ports.Cluster[0], "tls://") || ports.Monitoring != nil || ports.Profile != nil || ports.WebSocket != nil {
+		t.Errorf("listeners: %+v", ports)
+	}
+	// mxq checks the routes' certificates itself: nats-server's warning
+	// that they are not checked would be false.
+	mu.Lock()
+	if strings.Contains(logs.String(), "will not be verified") {
+		t.Errorf("misleading warning in the log:\n%s", logs.String())
+	}
+	mu.Unlock()
+	v, err := srv.Varz(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.HTTPPort != 0 || v.HTTPSPort != 0 || v.LeafNode.Port != 0 || v.Gateway.Port != 0 || v.MQTT.Port != 0 || v.Websocket.Port != 0 {
+		t.Errorf("a listener without authentication: http %d https %d leafnode %d gateway %d mqtt %d websocket %d",
+			v.HTTPPort, v.HTTPSPort, v.LeafNode.Port, v.Gateway.Port, v.MQTT.Port, v.Websocket.Port)
 	}
 }

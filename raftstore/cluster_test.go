@@ -4,13 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/hashicorp/raft"
-	"github.com/mxq-dev/mxq/internal/testpki"
+	"io"
 	"reflect"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/mxq-dev/mxq/internal/clustercred"
+	"github.com/mxq-dev/mxq/internal/testpki"
 )
 
 // cluster runs n nodes in this process over real TCP on loopback. Forward
@@ -597,4 +601,80 @@ func summary(evs []HoldEvent) string {
 		fmt.Fprintf(&b, "[%s@%d %d IDs]", ev.Op, ev.Index, len(ev.IDs))
 	}
 	return b.String()
+}
+
+// With a cluster secret, raft answers only peers that have it: a raft RPC
+// that would depose the leader (AppendEntries from a "leader" of a much
+// later term) is refused from plain TCP and from a node with another
+// secret, and the cluster's term and leader stay as they were. The same
+// RPC from a holder of the secret gets through: the check above can fail.
+func TestClusterSecretRefusesStrangers(t *testing.T) {
+	creds := func(secret string) *clustercred.Source {
+		m, err := clustercred.FromSecrets([][]byte{[]byte(secret)}, "127.0.0.1", time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return clustercred.Static(m)
+	}
+	secret := strings.Repeat("s", 32)
+	c := newCluster(t, 3, func(o *Options) {
+		o.TLS = creds(secret).Config()
+		// Elections of their own would change the term under a loaded
+		// machine; the test is about the stranger's.
+		o.HeartbeatTimeout, o.ElectionTimeout, o.LeaderLeaseTimeout = time.Second, time.Second, 500*time.Millisecond
+	})
+	for _, id := range c.ids {
+		c.start(id)
+	}
+	l := c.leader(30 * time.Second)
+	term := l.raft.CurrentTerm()
+	_, addr := l.Leader()
+
+	depose := func(trans *raft.NetworkTransport) error {
+		req := &raft.AppendEntriesRequest{
+			RPCHeader: raft.RPCHeader{ProtocolVersion: raft.ProtocolVersionMax, ID: []byte("stranger"), Addr: []byte(trans.LocalAddr())},
+			Term:      term + 100,
+		}
+		var resp raft.AppendEntriesResponse
+		return trans.AppendEntries(raft.ServerID(l.o.NodeID), raft.ServerAddress(addr), req, &resp)
+	}
+	tlsTransport := func(secret string) *raft.NetworkTransport {
+		layer, err := newTLSLayer("127.0.0.1:0", nil, creds(secret).Config())
+		if err != nil {
+			t.Fatal(err)
+		}
+		trans := raft.NewNetworkTransport(layer, 1, 3*time.Second, io.Discard)
+		t.Cleanup(func() { trans.Close() })
+		return trans
+	}
+	plainTCP, err := raft.NewTCPTransport("127.0.0.1:0", nil, 1, 3*time.Second, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { plainTCP.Close() })
+
+	for _, s := range []struct {
+		name  string
+		trans *raft.NetworkTransport
+	}{
+		{"plain TCP", plainTCP},
+		{"another secret", tlsTransport(strings.Repeat("x", 32))},
+	} {
+		if err := depose(s.trans); err == nil {
+			t.Errorf("%s: the leader answered a raft RPC", s.name)
+		}
+		// Let a (wrongly) accepted RPC take effect before looking.
+		time.Sleep(500 * time.Millisecond)
+		if got := l.raft.CurrentTerm(); got != term {
+			t.Fatalf("%s: term %d -> %d", s.name, term, got)
+		}
+		if !l.IsLeader() {
+			t.Fatalf("%s: the leader stepped down", s.name)
+		}
+	}
+
+	if err := depose(tlsTransport(secret)); err != nil {
+		t.Fatalf("with the secret: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the term taken from the RPC with the secret", func() bool { return l.raft.CurrentTerm() >= term+100 })
 }

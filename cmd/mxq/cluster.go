@@ -3,12 +3,10 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mxq-dev/mxq/config"
+	"github.com/mxq-dev/mxq/internal/clustercred"
 	"github.com/mxq-dev/mxq/queue/drain"
 	"github.com/mxq-dev/mxq/raftstore"
 )
@@ -220,25 +219,40 @@ func natsRoutes(cfg *config.Config) []string {
 	return out
 }
 
-// clusterTLS loads the cluster's mutual TLS configuration, nil without one.
-func clusterTLS(cfg *config.Config) (*tls.Config, error) {
-	t := cfg.Cluster.TLS
-	if t.CertFile == "" {
+// clusterCredentials loads the cluster's mutual TLS material, from the
+// secret or the TLS files, nil for a single node or an insecure cluster.
+// Its Config secures the NATS routes and raft alike; its Run re-reads the
+// files so that a rotation needs no restart.
+func clusterCredentials(cfg *config.Config, log *slog.Logger) (*clustercred.Source, error) {
+	cl := cfg.Cluster
+	if !cfg.Clustered() {
 		return nil, nil
 	}
-	cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
-	if err != nil {
-		return nil, fmt.Errorf("cluster.tls: %w", err)
+	switch {
+	case cl.Secret != "":
+		m, err := clustercred.FromSecrets([][]byte{[]byte(cl.Secret)}, cl.Advertise, time.Now())
+		if err != nil {
+			return nil, fmt.Errorf("cluster.secret: %w", err)
+		}
+		log.Info("cluster ports secured with mutual TLS from cluster.secret", "material", m.Describe)
+		return clustercred.Static(m), nil
+	case cl.SecretFile != "":
+		return clustercred.WatchSecretFile(cl.SecretFile, cl.Advertise, log)
+	case cl.HasTLS():
+		return clustercred.WatchPEMFiles(cl.TLS.CAFile, cl.TLS.CertFile, cl.TLS.KeyFile, log)
 	}
-	caPEM, err := os.ReadFile(t.CAFile)
-	if err != nil {
-		return nil, fmt.Errorf("cluster.tls.ca_file: %w", err)
+	log.Warn("cluster.insecure: the cluster ports accept anyone who reaches them: they can join the NATS cluster, read and write the queue, and speak raft",
+		"nats_routes", net.JoinHostPort(cl.Bind, strconv.Itoa(cl.NATSPort)), "raft", net.JoinHostPort(cl.Bind, strconv.Itoa(cl.RaftPort)))
+	return nil, nil
+}
+
+// clusterTLS is the TLS configuration of the cluster ports, nil without
+// credentials.
+func clusterTLS(src *clustercred.Source) *tls.Config {
+	if src == nil {
+		return nil
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, fmt.Errorf("cluster.tls.ca_file: no certificate in %s", t.CAFile)
-	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ClientCAs: pool, MinVersion: tls.VersionTLS12}, nil
+	return src.Config()
 }
 
 // reconcileMembership keeps the control plane's membership in line with

@@ -106,6 +106,17 @@ func serve(ctx context.Context, cfg *config.Config) error {
 	}
 	defer unlock()
 
+	// The cluster ports' credentials, re-read while the node runs.
+	creds, err := clusterCredentials(cfg, log.With("component", "cluster"))
+	if err != nil {
+		return err
+	}
+	if creds != nil {
+		credCtx, stopCreds := context.WithCancel(context.Background())
+		defer stopCreds()
+		go creds.Run(credCtx, 5*time.Second)
+	}
+
 	// Storage.
 	var nc *nats.Conn
 	var emb *queue.Embedded
@@ -120,9 +131,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 			Logger:     log,
 		}
 		if cfg.Clustered() {
-			if eo.ClusterTLS, err = clusterTLS(cfg); err != nil {
-				return err
-			}
+			eo.ClusterTLS = clusterTLS(creds)
 			eo.ServerName = cfg.Cluster.Advertise
 			eo.ClusterName = cfg.Cluster.Name
 			eo.ClusterListen = net.JoinHostPort(cfg.Cluster.Bind, strconv.Itoa(cfg.Cluster.NATSPort))
@@ -223,10 +232,7 @@ func serve(ctx context.Context, cfg *config.Config) error {
 		ro.Bind = net.JoinHostPort(cfg.Cluster.Bind, strconv.Itoa(cfg.Cluster.RaftPort))
 		ro.Peers = clusterPeers(cfg)
 		ro.HeartbeatTimeout, ro.ElectionTimeout = 0, 0 // the defaults, for a network
-		if ro.TLS, err = clusterTLS(cfg); err != nil {
-			store.Close()
-			return err
-		}
+		ro.TLS = clusterTLS(creds)
 	}
 	rctx, rcancel := context.WithTimeout(ctx, 5*time.Minute)
 	rs, err := raftstore.Open(rctx, ro)
