@@ -441,6 +441,13 @@ func startMxqAsync(t *testing.T, config, smtpAddr string) *mxqProc {
 	p.launch()
 	t.Cleanup(func() {
 		p.stop()
+		if dir := os.Getenv("MXQ_E2E_LOGS"); dir != "" && t.Failed() {
+			// The whole log, for a failure the tail does not explain.
+			if b, err := os.ReadFile(p.logPath); err == nil {
+				name := strings.NewReplacer(":", "_", "/", "_").Replace(t.Name() + "-" + smtpAddr)
+				_ = os.WriteFile(filepath.Join(dir, name+".log"), b, 0o644)
+			}
+		}
 		if t.Failed() {
 			// Without raft's retries to a stopped peer and the per-message
 			// lines, which would fill the tail.
