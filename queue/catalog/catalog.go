@@ -45,6 +45,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -69,8 +70,13 @@ type Options struct {
 	TombstoneTTL time.Duration
 	// CacheSize is the database's block cache (default 8 MiB).
 	CacheSize int64
-	Now       func() time.Time
-	Logger    *slog.Logger
+	// StallAfter is how long the follower may bring nothing while the
+	// stream holds records past the catalog's position before it is made
+	// anew (default 30 s). An ordered consumer that stops delivering
+	// without an error would otherwise stop the drain without a word.
+	StallAfter time.Duration
+	Now        func() time.Time
+	Logger     *slog.Logger
 }
 
 // Catalog is the node's index of the queue.
@@ -81,6 +87,11 @@ type Catalog struct {
 	log   *slog.Logger
 	uidv  uint32
 	ready chan struct{}
+
+	// followFn feeds the apply loop (follow; a test makes it stall).
+	followFn func(ctx context.Context, from uint64, msgs chan<- jetstream.Msg) error
+	// stalls counts the followers made anew because they stalled.
+	stalls atomic.Uint64
 
 	// Written by the apply loop only.
 	pos     uint64 // next sequence to apply

@@ -7,8 +7,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mxq-dev/mxq/queue"
 	"github.com/mxq-dev/mxq/queue/envelope"
@@ -358,5 +361,59 @@ func TestForgetDropsAGoneRecord(t *testing.T) {
 	eventually(t, "forgotten", func() bool { s, _ := c.Seqs(a.ID); return len(s) == 0 })
 	if msgs, _, _ := c.Mailbox("u1@example.test", 0, 0); len(msgs) != 0 {
 		t.Fatalf("forgotten record still listed")
+	}
+}
+
+// A follower that stops bringing records without an error (an ordered
+// consumer that went quiet) is noticed and made anew: the records stored
+// meanwhile reach the catalog, and the stall is counted.
+func TestStalledFollowerIsMadeAnew(t *testing.T) {
+	e := newEnv(t)
+	c, err := Open(context.Background(), e.store, Options{
+		Dir: filepath.Join(e.dir, "catalog"), Held: e.held.held, RangeHolds: e.held.rangeHolds,
+		StallAfter: 600 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first follower is silent until it is stopped; the next are real.
+	var calls atomic.Int32
+	c.followFn = func(ctx context.Context, from uint64, msgs chan<- jetstream.Msg) error {
+		if calls.Add(1) == 1 {
+			<-ctx.Done()
+			return nil
+		}
+		return c.follow(ctx, from, msgs)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("catalog run: %v", err)
+		}
+		c.Close()
+	}()
+	env := e.enqueue("a@example.org", "b@example.test")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		seqs, err := c.Seqs(env.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(seqs) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the record never reached the catalog (followers made: %d, stalls: %d)", calls.Load(), c.Stalls())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := c.Stalls(); got != 1 {
+		t.Errorf("stalls = %d, want 1", got)
+	}
+	if got := calls.Load(); got < 2 {
+		t.Errorf("followers made = %d, want at least 2", got)
 	}
 }

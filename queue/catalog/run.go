@@ -70,7 +70,7 @@ func (c *Catalog) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		c.log.Error("catalog of the queue: a write failed, starting over from what was committed", "err", err)
+		c.log.Error("catalog of the queue: starting over from what was committed", "err", err)
 		sleep(ctx, 5*time.Second)
 		if err := c.reload(); err != nil {
 			return err
@@ -104,7 +104,18 @@ func (c *Catalog) run(ctx context.Context) error {
 	defer cancel()
 	msgs := make(chan jetstream.Msg, 4*applyBatch)
 	ferr := make(chan error, 1)
-	go func() { ferr <- c.follow(ctx, c.pos, msgs) }()
+	follow := c.followFn
+	if follow == nil {
+		follow = c.follow
+	}
+	go func() { ferr <- follow(ctx, c.pos, msgs) }()
+	stallAfter := c.o.StallAfter
+	if stallAfter <= 0 {
+		stallAfter = 30 * time.Second
+	}
+	stallCheck := time.NewTicker(stallAfter / 3)
+	defer stallCheck.Stop()
+	lastPos, lastMove := c.pos, c.o.Now()
 	c.push(event{op: OpRestored, at: c.o.Now()})
 	probe := time.NewTicker(200 * time.Millisecond)
 	defer probe.Stop()
@@ -131,6 +142,19 @@ func (c *Catalog) run(ctx context.Context) error {
 			if !c.IsReady() {
 				c.checkCaughtUp(ctx)
 			}
+		case <-stallCheck.C:
+			if c.pos != lastPos {
+				lastPos, lastMove = c.pos, c.o.Now()
+				break
+			}
+			if c.o.Now().Sub(lastMove) < stallAfter {
+				break
+			}
+			if ok, err := c.caughtUp(ctx); err == nil && !ok {
+				c.stalls.Add(1)
+				return fmt.Errorf("%w: nothing from the stream for %v while it holds records from %d on", errStalled, stallAfter, c.pos)
+			}
+			lastMove = c.o.Now()
 		case <-gc.C:
 			if err := c.collectBelowFirst(ctx); err != nil {
 				c.log.Warn("catalog: dropping records below the stream's first", "err", err)
@@ -198,6 +222,9 @@ func (c *Catalog) follow(ctx context.Context, from uint64, msgs chan<- jetstream
 	}
 	return nil
 }
+
+// errStalled: the follower brought nothing while the stream had more.
+var errStalled = errors.New("catalog: the stream's follower stalled")
 
 func sleep(ctx context.Context, d time.Duration) {
 	select {
@@ -798,3 +825,7 @@ func getBatch(b *pebble.Batch, k []byte) ([]byte, bool, error) {
 func uint32FromBytes(b []byte) uint32 {
 	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }
+
+// Stalls counts the followers made anew because they brought nothing while
+// the stream held more (see Options.StallAfter).
+func (c *Catalog) Stalls() uint64 { return c.stalls.Load() }
