@@ -72,7 +72,7 @@ type Options struct {
 	CacheSize int64
 	// StallAfter is how long the follower may bring nothing while the
 	// stream holds records past the catalog's position before it is made
-	// anew (default 30 s). An ordered consumer that stops delivering
+	// anew (default 15 s). An ordered consumer that stops delivering
 	// without an error would otherwise stop the drain without a word.
 	StallAfter time.Duration
 	Now        func() time.Time

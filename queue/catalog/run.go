@@ -111,7 +111,7 @@ func (c *Catalog) run(ctx context.Context) error {
 	go func() { ferr <- follow(ctx, c.pos, msgs) }()
 	stallAfter := c.o.StallAfter
 	if stallAfter <= 0 {
-		stallAfter = 30 * time.Second
+		stallAfter = 15 * time.Second
 	}
 	stallCheck := time.NewTicker(stallAfter / 3)
 	defer stallCheck.Stop()
