@@ -325,7 +325,10 @@ func TestClusterFaults(t *testing.T) {
 		return true
 	})
 	t.Logf("new leader mxq-%d starts at %.0f/s (replicated state %.0f/s, start rate 5/s, ceiling 2000/s)", newLeader, newRate, persisted)
-	if persisted < 50 || newRate < 0.5*persisted || newRate > 2*persisted {
+	// The replicated rate must stand clear of the start rate (5/s) for
+	// the check to mean anything: 20/s at least (under load in CI the ramp
+	// was at 42/s when the leader was killed).
+	if persisted < 20 || newRate < 0.5*persisted || newRate > 2*persisted {
 		t.Errorf("after failover the rate is %.0f/s: it should start from the replicated %.0f/s, not from the bottom or the ceiling", newRate, persisted)
 	}
 	waitUntil(t, "deliveries resume", time.Minute, func() bool { return be.Count() > deliveredBefore+50 })

@@ -393,6 +393,13 @@ func (s *Store) shutdown(handOver bool) error {
 	if err := s.trans.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("raftstore: close transport: %w", err))
 	}
+	// hashicorp/raft's heartbeat fast path runs on the transport's
+	// connection goroutines, which Shutdown does not wait for: one that
+	// checked for shutdown just before it began still writes the term,
+	// and raft panics if the log is closed under it ("failed to save
+	// current term: database not open", seen once in CI). Closing the
+	// transport stops new ones; let those under way finish first.
+	time.Sleep(200 * time.Millisecond)
 	if err := s.bolt.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("raftstore: close log: %w", err))
 	}
